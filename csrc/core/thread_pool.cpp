@@ -1,0 +1,186 @@
+// The persistent worker pool behind parallel_for: workers sleep on a condition variable, take
+// task indices from an atomic counter, and the last one to finish wakes the caller.
+#include "qlora/thread_pool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
+namespace qlora {
+namespace {
+
+int affinity_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc > 0 ? static_cast<int>(hc) : 1;
+}
+
+int env_threads() {
+  const char* s = std::getenv("QLORA_NUM_THREADS");
+  if (s == nullptr || *s == '\0') return 0;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  if (end == s || *end != '\0' || v < 1 || v > 4096) return 0;  // ignored; Python warns
+  return static_cast<int>(v);
+}
+
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int workers() const { return static_cast<int>(threads_.size()); }
+
+  // Caller holds the job lock, so only one run() is active at a time.
+  void run(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      fn_ = &fn;
+      n_tasks_ = n_tasks;
+      next_.store(0, std::memory_order_relaxed);
+      busy_ = static_cast<int>(threads_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    cv_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lk(m_);
+    done_cv_.wait(lk, [this] { return busy_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void drain() {
+    for (;;) {
+      const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+      if (t >= n_tasks_) return;
+      try {
+        (*fn_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(m_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_tasks_, std::memory_order_relaxed);  // skip what is left
+      }
+    }
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      drain();
+      std::lock_guard<std::mutex> lk(m_);
+      if (--busy_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex m_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+std::mutex g_job_mutex;        // held while a job runs on the pool
+std::mutex g_config_mutex;     // guards g_pool and g_threads
+Pool* g_pool = nullptr;        // leaked on purpose at exit and after fork (see below)
+std::atomic<int> g_threads{0};
+
+void after_fork_in_child() {
+  // The workers did not survive fork(); forget them without joining (their objects leak, a
+  // bounded, one-time cost) and reset the locks, which may have been held by another thread.
+  g_pool = nullptr;
+  new (&g_job_mutex) std::mutex();
+  new (&g_config_mutex) std::mutex();
+}
+
+void install_fork_handler() {
+#if defined(__linux__)
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
+#endif
+}
+
+}  // namespace
+
+int default_num_threads() {
+  const int e = env_threads();
+  return e > 0 ? e : affinity_cpus();
+}
+
+int get_num_threads() {
+  int n = g_threads.load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = default_num_threads();
+    int expected = 0;
+    g_threads.compare_exchange_strong(expected, n);
+    n = g_threads.load(std::memory_order_relaxed);
+  }
+  return n;
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+  g_threads.store(n, std::memory_order_relaxed);
+}
+
+void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
+  if (n_tasks <= 0) return;
+  const int want = get_num_threads();
+  std::unique_lock<std::mutex> job(g_job_mutex, std::defer_lock);
+  if (n_tasks == 1 || want <= 1 || !job.try_lock()) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  Pool* pool = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(g_config_mutex);
+    install_fork_handler();
+    if (g_pool == nullptr || g_pool->workers() != want - 1) {
+      delete g_pool;  // no job is running: we hold the job lock
+      g_pool = new Pool(want - 1);
+    }
+    pool = g_pool;
+  }
+  pool->run(n_tasks, fn);
+}
+
+}  // namespace qlora

@@ -1,0 +1,24 @@
+"""qlora: NF4-quantized QLoRA linear layers with a fused SIMD C++ core for CPUs.
+
+>>> import numpy as np, qlora
+>>> layer = qlora.QLoraLinear.from_weight(np.random.randn(256, 128).astype(np.float32), rank=8)
+>>> layer(np.ones(128, np.float32)).shape
+(256,)
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._layer import QLoraLinear
+from ._runtime import active_isa, available_isas, get_num_threads, set_num_threads
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "QLoraLinear",
+    "__version__",
+    "active_isa",
+    "available_isas",
+    "get_num_threads",
+    "set_num_threads",
+]

@@ -1,0 +1,65 @@
+"""Process-wide runtime settings of the C++ core: which instruction set runs the kernels and
+how many threads the core's pool uses."""
+
+from __future__ import annotations
+
+from . import _core
+from ._validate import check_int
+
+__all__ = ["active_isa", "available_isas", "get_num_threads", "set_num_threads"]
+
+
+def active_isa() -> str:
+    """Name of the instruction set the kernels run with: 'avx512', 'avx2', 'neon' or 'scalar'.
+
+    Chosen once from the CPU's features; the environment variable ``QLORA_FORCE_ISA`` overrides.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        If ``QLORA_FORCE_ISA`` names an instruction set that is unknown or that this CPU lacks.
+    """
+    return _core.active_isa()
+
+
+def available_isas() -> list[str]:
+    """Instruction sets built into this package that this CPU can run, best first.
+
+    Returns
+    -------
+    list of str
+    """
+    return list(_core.available_isas())
+
+
+def get_num_threads() -> int:
+    """Threads the core uses per call (the calling thread included).
+
+    Returns
+    -------
+    int
+        ``QLORA_NUM_THREADS`` if set, else the CPUs this process may run on (its affinity
+        mask), unless changed by :func:`set_num_threads`.
+    """
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the threads the core uses per call, ``n >= 1`` (process-wide).
+
+    Parameters
+    ----------
+    n : int
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is not an integer.
+    ValueError
+        If ``n < 1``.
+    """
+    _core.set_num_threads(check_int(n, "n", minimum=1, maximum=4096))

@@ -1,0 +1,35 @@
+"""The ``qlora`` command line. Each subcommand lives in its own module with ``register(sub)``
+adding its parser and setting ``func``; this file only assembles them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import _cli_demo
+
+__all__ = ["main"]
+
+_COMMANDS = [_cli_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora", description="NF4 QLoRA linear layers on the CPU."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in _COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"qlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2

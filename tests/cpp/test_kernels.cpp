@@ -1,0 +1,168 @@
+// Every kernel table this CPU can run, against an independent reference written here (flat
+// indexing, double-precision forward) and against the scalar table: quantization and
+// dequantization bit-exact, forward within the float32 rounding bound.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "qlora/dispatch.h"
+#include "qlora/nf4.h"
+#include "qlora/ops.h"
+#include "test_util.h"
+
+using namespace qlora;
+
+namespace {
+
+struct Quantized {
+  std::vector<uint8_t> codes;
+  std::vector<float> absmax;
+};
+
+// bitsandbytes' quantizer, written over the flat weight with the flat (bnb) nibble order.
+void reference_quantize(const std::vector<float>& w, int64_t group_size, std::vector<uint8_t>& flat_codes,
+                        std::vector<float>& absmax) {
+  const int64_t n = static_cast<int64_t>(w.size());
+  const int64_t groups = (n + group_size - 1) / group_size;
+  absmax.assign(static_cast<size_t>(groups), 0.0f);
+  flat_codes.assign(static_cast<size_t>(n), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t lo = g * group_size, hi = std::min(n, lo + group_size);
+    float m = 0.0f;
+    for (int64_t i = lo; i < hi; ++i) m = std::max(m, std::fabs(w[i]));
+    const bool partial = (hi - lo) < group_size;
+    if (partial) m = std::max(m, 1e-38f);
+    absmax[g] = m;
+    const float mc = std::max(m, 1e-38f);
+    const float inv = 1.0f / mc;
+    for (int64_t i = lo; i < hi; ++i) {
+      float v = partial ? w[i] / mc : w[i] * inv;
+      v = std::min(1.0f, std::max(-1.0f, v));
+      int best = 0;
+      for (int c = 0; c < 15; ++c) {
+        if (v > (kNf4Codebook[c] + kNf4Codebook[c + 1]) / 2.0f) best = c + 1;
+      }
+      flat_codes[i] = static_cast<uint8_t>(best);
+    }
+  }
+}
+
+Quantized quantize_with(const std::string& isa, const std::vector<float>& w, int64_t out, int64_t in,
+                        int64_t gs) {
+  set_active_isa(isa);
+  Quantized q;
+  q.codes.resize(static_cast<size_t>(packed_bytes(out, in)));
+  q.absmax.resize(static_cast<size_t>(group_count(out * in, gs)));
+  quantize_nf4(w.data(), out, in, gs, q.codes.data(), q.absmax.data());
+  return q;
+}
+
+Nf4Weight view(const Quantized& q, int64_t out, int64_t in, int64_t gs) {
+  Nf4Weight v;
+  v.codes = q.codes.data();
+  v.scales = q.absmax.data();
+  v.out_features = out;
+  v.in_features = in;
+  v.group_size = gs;
+  v.num_groups = static_cast<int64_t>(q.absmax.size());
+  return v;
+}
+
+struct IsaGuard {
+  std::string saved = active_kernels().name;
+  ~IsaGuard() { set_active_isa(saved); }
+};
+
+}  // namespace
+
+TEST_CASE("scalar quantization equals the flat reference; every ISA equals scalar") {
+  IsaGuard guard;
+  const std::vector<int64_t> group_sizes = {1, 2, 3, 7, 16, 31, 32, 33, 64, 100, 128, 256, 4096};
+  for (int64_t out : {1, 3, 17}) {
+    for (int64_t in : qlora_test::kOddSizes) {
+      for (int64_t gs : group_sizes) {
+        auto w = qlora_test::normal_vector(static_cast<size_t>(out * in), static_cast<uint32_t>(out * 1000 + in));
+        if (in > 40) std::fill(w.begin(), w.begin() + std::min<int64_t>(out * in, gs), 0.0f);  // a zero group
+        std::vector<uint8_t> flat;
+        std::vector<float> ref_absmax;
+        reference_quantize(w, gs, flat, ref_absmax);
+        const Quantized s = quantize_with("scalar", w, out, in, gs);
+        REQUIRE(s.absmax == ref_absmax);
+        for (int64_t r = 0; r < out; ++r)
+          for (int64_t c = 0; c < in; ++c)
+            REQUIRE(get_code(s.codes.data() + r * packed_row_bytes(in), c) == flat[r * in + c]);
+        for (const KernelTable* t : qlora_test::runnable_tables()) {
+          INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs);
+          const Quantized q = quantize_with(t->name, w, out, in, gs);
+          REQUIRE(q.absmax == s.absmax);
+          REQUIRE(q.codes == s.codes);
+          std::vector<float> deq_s(static_cast<size_t>(out * in)), deq_t(deq_s.size());
+          set_active_isa("scalar");
+          dequantize_nf4(view(s, out, in, gs), deq_s.data());
+          set_active_isa(t->name);
+          dequantize_nf4(view(s, out, in, gs), deq_t.data());
+          REQUIRE(deq_t == deq_s);
+          for (int64_t i = 0; i < out * in; ++i) {
+            const int64_t g = i / gs;
+            REQUIRE(deq_s[i] == kNf4Codebook[flat[i]] * ref_absmax[g]);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("forward of every ISA is within the float32 rounding bound of a float64 reference") {
+  IsaGuard guard;
+  const double eps = std::ldexp(1.0, -24);
+  for (int64_t out : {1, 5, 33, 70}) {
+    for (int64_t in : qlora_test::kOddSizes) {
+      for (int64_t gs : {int64_t{7}, int64_t{32}, int64_t{64}, int64_t{100}}) {
+        for (int64_t batch : {1, 2, 3, 9}) {
+          const int64_t rank = std::min<int64_t>({4, out, in});
+          const auto w = qlora_test::normal_vector(static_cast<size_t>(out * in), 7);
+          const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), 8);
+          const auto a = qlora_test::normal_vector(static_cast<size_t>(rank * in), 9, 0.1f);
+          const auto b = qlora_test::normal_vector(static_cast<size_t>(out * rank), 10, 0.1f);
+          const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 11);
+          const float scaling = 0.75f;
+          const Quantized q = quantize_with("scalar", w, out, in, gs);
+          std::vector<float> deq(static_cast<size_t>(out * in));
+          dequantize_nf4(view(q, out, in, gs), deq.data());
+          for (const KernelTable* t : qlora_test::runnable_tables()) {
+            INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs << " batch " << batch);
+            set_active_isa(t->name);
+            std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
+            forward(view(q, out, in, gs), x.data(), batch, a.data(), b.data(), rank, scaling, bias.data(),
+                    y.data());
+            for (int64_t bi = 0; bi < batch; ++bi) {
+              for (int64_t o = 0; o < out; ++o) {
+                double ref = bias[o], mag = std::fabs(bias[o]);
+                for (int64_t c = 0; c < in; ++c) {
+                  ref += double(x[bi * in + c]) * deq[o * in + c];
+                  mag += std::fabs(double(x[bi * in + c]) * deq[o * in + c]);
+                }
+                for (int64_t k = 0; k < rank; ++k) {
+                  double xa = 0.0, xa_mag = 0.0;
+                  for (int64_t c = 0; c < in; ++c) {
+                    xa += double(x[bi * in + c]) * a[k * in + c];
+                    xa_mag += std::fabs(double(x[bi * in + c]) * a[k * in + c]);
+                  }
+                  ref += scaling * xa * b[o * rank + k];
+                  mag += scaling * xa_mag * std::fabs(b[o * rank + k]);
+                }
+                // Each product and partial sum rounds at most once per term (in + rank terms,
+                // plus the scale, scaling and bias operations): |err| <= gamma * sum |terms|.
+                const double bound = double(in + rank + 4) * eps * mag * 1.01 + 1e-30;
+                REQUIRE(std::fabs(double(y[bi * out + o]) - ref) <= bound);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
