@@ -3,6 +3,9 @@ how many threads the core's pool uses."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from . import _core
 from ._validate import check_int
 
@@ -63,3 +66,21 @@ def set_num_threads(n: int) -> None:
         If ``n < 1``.
     """
     _core.set_num_threads(check_int(n, "n", minimum=1, maximum=4096))
+
+
+def _check_env() -> None:
+    """Warn once at import about a QLORA_NUM_THREADS the core will ignore."""
+    raw = os.environ.get("QLORA_NUM_THREADS", "")
+    if raw.strip() and (not raw.strip().isdigit() or not 1 <= int(raw) <= 4096):
+        warnings.warn(
+            f"QLORA_NUM_THREADS must be an integer from 1 to 4096, got {raw!r}; using "
+            f"{_core.default_num_threads()} threads (the CPUs this process may run on)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_check_env()
+# Choose the kernels now, so a bad QLORA_FORCE_ISA fails the import with its message rather
+# than the first forward of a long-running server.
+_core.active_isa()
