@@ -1,0 +1,56 @@
+// The owning C++ layer gives the same results as the operations it wraps, and refuses bad
+// arguments with std::invalid_argument.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <vector>
+
+#include "qlora/ops.h"
+#include "qlora/qlora_linear.h"
+#include "test_util.h"
+
+using namespace qlora;
+
+TEST_CASE("QLoraLinear forward equals x @ deq(W)^T + scaling * (x @ A^T) @ B^T + bias") {
+  const int64_t out = 19, in = 45, rank = 3, batch = 4;
+  const auto w = qlora_test::normal_vector(out * in, 21);
+  const auto x = qlora_test::normal_vector(batch * in, 22);
+  const auto a = qlora_test::normal_vector(rank * in, 23);
+  const auto b = qlora_test::normal_vector(out * rank, 24);
+  const auto bias = qlora_test::normal_vector(out, 25);
+  QLoraLinear layer(w.data(), out, in, 16);
+  layer.set_lora(a.data(), b.data(), rank, 0.5f);
+  layer.set_bias(bias.data());
+  std::vector<float> deq(out * in), y(batch * out);
+  layer.dequantize(deq.data());
+  layer.forward(x.data(), batch, y.data());
+  for (int64_t i = 0; i < batch; ++i) {
+    for (int64_t o = 0; o < out; ++o) {
+      double ref = bias[o], mag = std::fabs(bias[o]);
+      for (int64_t c = 0; c < in; ++c) {
+        ref += double(x[i * in + c]) * deq[o * in + c];
+        mag += std::fabs(double(x[i * in + c]) * deq[o * in + c]);
+      }
+      for (int64_t k = 0; k < rank; ++k) {
+        double xa = 0.0, xam = 0.0;
+        for (int64_t c = 0; c < in; ++c) {
+          xa += double(x[i * in + c]) * a[k * in + c];
+          xam += std::fabs(double(x[i * in + c]) * a[k * in + c]);
+        }
+        ref += 0.5 * xa * b[o * rank + k];
+        mag += 0.5 * xam * std::fabs(b[o * rank + k]);
+      }
+      REQUIRE(std::fabs(y[i * out + o] - ref) <= (in + rank + 4) * std::ldexp(1.0, -24) * mag * 1.01);
+    }
+  }
+}
+
+TEST_CASE("QLoraLinear refuses bad sizes") {
+  const std::vector<float> w(6, 1.0f);
+  CHECK_THROWS_AS(QLoraLinear(w.data(), 2, 3, 0), std::invalid_argument);
+  CHECK_THROWS_AS(QLoraLinear(nullptr, 2, 3, 4), std::invalid_argument);
+  CHECK_THROWS_AS(QLoraLinear(w.data(), INT64_MAX, 3, 4), std::invalid_argument);
+  QLoraLinear layer(w.data(), 2, 3, 4);
+  CHECK_THROWS_AS(layer.set_lora(nullptr, nullptr, 2, 1.0f), std::invalid_argument);
+  CHECK_THROWS_AS(layer.set_lora(w.data(), w.data(), -1, 1.0f), std::invalid_argument);
+}
