@@ -126,3 +126,19 @@ def forward_bound(x, deq_w, a, b, scaling, bias=None) -> np.ndarray:
     x = np.asarray(x)
     n = x.shape[-1] + np.asarray(a).shape[0] + 4
     return n * 2.0**-24 * forward_abs(x, deq_w, a, b, scaling, bias) * 1.01
+
+
+
+def forward_ieee(x, deq_w, a, b, scaling, bias=None) -> np.ndarray:
+    """``forward`` with every product formed explicitly (no BLAS), for inputs holding NaN/Inf:
+    which outputs are NaN or +-Inf then follows IEEE rules term by term (Inf * 0 = NaN,
+    Inf - Inf = NaN) independent of summation order. Small shapes only."""
+    x64 = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = (x64[:, None, :] * np.asarray(deq_w, np.float64)[None, :, :]).sum(-1)
+        xa = (x64[:, None, :] * np.asarray(a, np.float64)[None, :, :]).sum(-1)
+        lora = (xa[:, None, :] * np.asarray(b, np.float64)[None, :, :]).sum(-1)
+        y = y + float(scaling) * lora
+        if bias is not None:
+            y = y + np.asarray(bias, np.float64)
+    return y.reshape(np.shape(x)[:-1] + y.shape[-1:])
