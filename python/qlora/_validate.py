@@ -46,7 +46,8 @@ def as_float32(value: object, name: str, *, ndim: int | None = None) -> np.ndarr
         )
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D with shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,), hiding a 0-d input.
+    return np.asarray(arr, dtype=np.float32, order="C")
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
