@@ -435,3 +435,17 @@ def test_set_num_threads_invalid(n, exc):
     with raises(exc, "n"):
         set_num_threads(n)
     assert get_num_threads() == before
+
+
+@pytest.mark.parametrize("alpha, rank", [(1e39, 1), (3e39, 4), (1e-46, 1), (1e-40, 8)])
+def test_alpha_over_rank_must_fit_float32(alpha, rank):
+    # Finite and > 0, but alpha / rank overflows float32 (a fresh layer's output would be
+    # inf * 0 = NaN) or underflows (the adapter would silently vanish).
+    with raises(ValueError, "alpha", "rank", repr(alpha), str(rank)):
+        QLoraLinear.from_weight(W(8, 8), rank=rank, alpha=alpha)
+
+
+def test_alpha_extremes_that_fit():
+    w = W(8, 8)
+    assert QLoraLinear.from_weight(w, rank=1, alpha=3e38).scaling == 3e38
+    assert QLoraLinear.from_weight(w, rank=2, alpha=1e-37).scaling == 5e-38

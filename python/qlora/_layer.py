@@ -154,6 +154,13 @@ class QLoraLinear:
             )
         rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
         alpha = check_positive_float(alpha, "alpha")
+        # The core multiplies by scaling in float32: a finite alpha whose alpha / rank
+        # overflows (or underflows to 0) there would silently give NaN (or drop the adapter).
+        if not 1.1754943508222875e-38 <= alpha / rank <= 3.4028234663852886e38:
+            raise ValueError(
+                f"alpha / rank must be a normal float32 number (the core computes in float32), "
+                f"got alpha={alpha!r} and rank={rank} (alpha / rank = {alpha / rank!r})"
+            )
         group_size = check_int(group_size, "group_size", minimum=1)
         seed = check_int(seed, "seed", minimum=0)
         check_finite(w, "weight")
