@@ -449,3 +449,13 @@ def test_alpha_extremes_that_fit():
     w = W(8, 8)
     assert QLoraLinear.from_weight(w, rank=1, alpha=3e38).scaling == 3e38
     assert QLoraLinear.from_weight(w, rank=2, alpha=1e-37).scaling == 5e-38
+
+
+def test_huge_integer_arguments_are_value_errors():
+    # Out of range, not of the wrong type: ValueError naming the argument (not an
+    # OverflowError from float(), nor pybind11's "incompatible function arguments").
+    with raises(ValueError, "alpha", "digits"):
+        QLoraLinear.from_weight(W(), rank=1, alpha=10**400)
+    with raises(ValueError, "group_size", str(2**63)):
+        QLoraLinear.from_weight(W(), rank=1, group_size=2**63)
+    assert QLoraLinear.from_weight(W(), rank=1, group_size=2**63 - 1).num_groups == 1

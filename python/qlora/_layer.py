@@ -161,7 +161,7 @@ class QLoraLinear:
                 f"alpha / rank must be a normal float32 number (the core computes in float32), "
                 f"got alpha={alpha!r} and rank={rank} (alpha / rank = {alpha / rank!r})"
             )
-        group_size = check_int(group_size, "group_size", minimum=1)
+        group_size = check_int(group_size, "group_size", minimum=1, maximum=2**63 - 1)  # int64
         seed = check_int(seed, "seed", minimum=0)
         check_finite(w, "weight")
         bias_arr = None if bias is None else cls._check_bias(bias, out_features)

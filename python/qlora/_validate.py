@@ -84,7 +84,11 @@ def check_positive_float(value: object, name: str) -> float:
     """Return `value` as a float that is finite and > 0."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond the float range: as infinite as it gets
+        raise ValueError(f"{name} must be a finite number > 0, got an integer of "
+                         f"{len(str(abs(int(value))))} digits") from None
     if not np.isfinite(result) or result <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {result}")
     return result
