@@ -62,3 +62,19 @@ def test_isa_lists_are_consistent():
     assert available[-1] == "scalar"  # best first, scalar last
     assert set(available) <= set(_core.compiled_isas())
     assert qlora.active_isa() in available
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "4097", "3 "])
+def test_ignored_num_threads_env_warns(value):
+    r = python("import qlora; print(qlora.get_num_threads())", QLORA_NUM_THREADS=value)
+    assert r.returncode == 0, r.stderr
+    assert "RuntimeWarning" in r.stderr and "QLORA_NUM_THREADS" in r.stderr
+    assert repr(value) in r.stderr
+    assert int(r.stdout) >= 1
+
+
+@pytest.mark.parametrize("value", ["1", "4", " 2"])
+def test_valid_num_threads_env_is_silent(value):
+    r = python("import qlora; print(qlora.get_num_threads())", QLORA_NUM_THREADS=value)
+    assert r.returncode == 0 and r.stderr == ""
+    assert int(r.stdout) == int(value)

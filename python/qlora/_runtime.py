@@ -3,6 +3,10 @@ how many threads the core's pool uses."""
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+
 from . import _core
 from ._validate import check_int
 
@@ -63,3 +67,19 @@ def set_num_threads(n: int) -> None:
         If ``n < 1``.
     """
     _core.set_num_threads(check_int(n, "n", minimum=1, maximum=4096))
+
+
+def _warn_on_ignored_env() -> None:
+    # The core silently ignores a QLORA_NUM_THREADS it cannot use (thread_pool.cpp parses it
+    # with strtol: optional blanks and sign, digits, nothing after; 1..4096); say so here.
+    value = os.environ.get("QLORA_NUM_THREADS", "")
+    if value and not (re.fullmatch(r"\s*[+-]?\d+", value) and 1 <= int(value) <= 4096):
+        warnings.warn(
+            f"QLORA_NUM_THREADS={value!r} is ignored: it must be an integer between 1 and "
+            f"4096; using {_core.default_num_threads()} threads",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_warn_on_ignored_env()
