@@ -185,3 +185,16 @@ def test_fresh_layer_forward_is_the_quantized_linear():
     want = x.astype(np.float64) @ deq.T.astype(np.float64) + bias
     bound = 34 * 2.0**-24 * (np.abs(x) @ np.abs(deq).T + np.abs(bias)) * 1.01
     assert (np.abs(layer(x) - want) <= bound).all()
+
+
+def test_every_public_name_is_documented():
+    import inspect
+
+    names = [getattr(qlora, n) for n in qlora.__all__ if n != "__version__"]
+    members = [m for n, m in inspect.getmembers(QLoraLinear) if not n.startswith("_")]
+    undocumented = [getattr(o, "__name__", getattr(getattr(o, "fget", None), "__name__", o))
+                    for o in names + members if not (inspect.getdoc(o) or "").strip()]
+    assert not undocumented
+    for fn in (QLoraLinear.from_weight, QLoraLinear.forward, QLoraLinear.dequantize_weight):
+        doc = inspect.getdoc(fn)
+        assert "Parameters" in doc and "Returns" in doc and "Raises" in doc, fn.__name__

@@ -459,3 +459,11 @@ def test_huge_integer_arguments_are_value_errors():
     with raises(ValueError, "group_size", str(2**63)):
         QLoraLinear.from_weight(W(), rank=1, group_size=2**63)
     assert QLoraLinear.from_weight(W(), rank=1, group_size=2**63 - 1).num_groups == 1
+
+
+@pytest.mark.parametrize("shape", [(2**31, 2**31), (2**40, 2**20)])
+def test_layer_too_large_is_an_error_not_a_crash(shape):
+    # A broadcast uint8 view costs nothing; as float32 it would need 2**62..2**64 bytes.
+    w = np.broadcast_to(np.uint8(1), shape)
+    with pytest.raises((MemoryError, ValueError)):
+        QLoraLinear.from_weight(w, rank=1)

@@ -154,3 +154,29 @@ def test_results_identical_across_thread_counts(restore_threads, threads):
     assert qlora.get_num_threads() == threads
     for a, c in zip(base, run()):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(c).view(np.uint8))
+
+
+def _forward_in_child(args):
+    layer, x = args
+    qlora.set_num_threads(2)
+    return layer(x)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_pool_works_after_fork(restore_threads):
+    # The parent's pool workers do not survive fork(); the child must rebuild its pool rather
+    # than wait forever on threads that do not exist.
+    import multiprocessing
+    import warnings
+
+    qlora.set_num_threads(2)
+    layer = big_layer(out_f=512, in_f=1024)
+    x = np.random.default_rng(5).standard_normal((64, 1024)).astype(np.float32)
+    y = layer(x)  # starts the parent's pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            result = pool.apply_async(_forward_in_child, ((layer, x),))
+            y_child = result.get(timeout=60)
+    np.testing.assert_array_equal(y_child, y)
