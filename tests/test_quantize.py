@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import reference as ref
-from conftest import bits, bnb_codes
+from conftest import ISAS, bits, bnb_codes, use_isa
 from qlora import QLoraLinear
 
 ODD_SIZES = (1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 33, 63, 67, 127, 129, 193, 255)
@@ -51,12 +51,14 @@ def weights(draw, max_side=300):
 
 @given(w=weights(), group_size=group_sizes)
 def test_codes_and_scales_match_reference(w, group_size):
-    check_exact(w, group_size)
+    for name in ISAS:
+        with use_isa(name):
+            check_exact(w, group_size)
 
 
 @pytest.mark.parametrize("out_f", ODD_SIZES)
 @pytest.mark.parametrize("group_size", [1, 3, 32, 33, 64, 100])
-def test_odd_sizes_every_tail_path(out_f, group_size):
+def test_odd_sizes_every_tail_path(isa, out_f, group_size):
     rng = np.random.default_rng(out_f * 1000 + group_size)
     for in_f in ODD_SIZES:
         check_exact(rng.standard_normal((out_f, in_f)).astype(np.float32), group_size)
