@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from conftest import bits, bnb_codes
+from conftest import ISAS, bits, bnb_codes, use_isa
 from qlora import QLoraLinear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -58,13 +58,15 @@ def test_codes_absmax_dequant_bit_exact(blocksize, zero_groups):
     for i, shape in enumerate(SHAPES):
         w = weight(shape, seed=blocksize + i, zero_groups=zero_groups)
         packed, absmax, deq = bnb_quantize(w, blocksize)
-        layer = QLoraLinear.from_weight(w, rank=1, group_size=blocksize)
-        assert layer.num_groups == absmax.size
-        np.testing.assert_array_equal(bnb_codes(layer), packed, err_msg=f"codes {shape}")
-        np.testing.assert_array_equal(bits(layer.scale), bits(absmax), err_msg=f"absmax {shape}")
-        np.testing.assert_array_equal(
-            bits(layer.dequantize_weight()), bits(deq), err_msg=f"dequantize {shape}"
-        )
+        for isa in ISAS:  # bitsandbytes once, every instruction set against it
+            with use_isa(isa):
+                layer = QLoraLinear.from_weight(w, rank=1, group_size=blocksize)
+                assert layer.num_groups == absmax.size
+                msg = f"{isa} {shape}"
+                np.testing.assert_array_equal(bnb_codes(layer), packed, err_msg=msg)
+                np.testing.assert_array_equal(bits(layer.scale), bits(absmax), err_msg=msg)
+                np.testing.assert_array_equal(bits(layer.dequantize_weight()), bits(deq),
+                                              err_msg=msg)
 
 
 def test_all_zero_weight_and_tiny_values():
