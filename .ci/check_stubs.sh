@@ -5,6 +5,8 @@
 #
 #   PYTHON=/path/to/venv/bin/python .ci/check_stubs.sh
 #
+# The committed file was generated with pybind11-stubgen 3.0.0 from a module built with
+# pybind11 3.1: use those versions (other versions format signatures differently).
 # To update the committed file after changing the bindings:
 #   (cd /tmp && $PYTHON -m pybind11_stubgen qlora._core -o "$REPO/python")
 set -euo pipefail
