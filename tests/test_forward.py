@@ -225,3 +225,37 @@ def test_simd_matches_scalar(simd, group_size):
             for name in ("scalar", simd):
                 with use_isa(name):
                     assert_close(results[name](x), x, results[name])
+
+
+def unaligned(a):
+    """A copy of ``a`` whose data starts one byte past an aligned address."""
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    u = buf[1:].view(a.dtype).reshape(a.shape)
+    u[...] = a
+    assert not u.flags.aligned and u.flags.c_contiguous
+    return u
+
+
+def test_unaligned_and_byte_swapped_arrays(isa):
+    # Misaligned float32 buffers reach the kernels as they are (no copy is made for them):
+    # SIMD code must use unaligned loads/stores. Byte-swapped arrays are converted.
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((40, 70)).astype(np.float32)
+    x = rng.standard_normal((5, 70)).astype(np.float32)
+    layer = build(w, rank=2, group_size=16)
+    y = layer(x)
+    assert_close(y, x, layer)
+    np.testing.assert_array_equal(layer(unaligned(x)), y)
+    np.testing.assert_array_equal(layer(x.astype(">f4")), y)
+    out = unaligned(np.zeros((5, 40), np.float32))
+    assert layer(x, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    for other in (unaligned(w), w.astype(">f4")):
+        twin = QLoraLinear.from_weight(other, rank=2, group_size=16)
+        np.testing.assert_array_equal(twin._w.codes, layer._w.codes)
+        np.testing.assert_array_equal(twin.scale, layer.scale)
+    deq = unaligned(np.zeros((40, 70), np.float32))
+    layer.dequantize_weight(out=deq)
+    np.testing.assert_array_equal(deq, layer.dequantize_weight())
+    with pytest.raises(TypeError, match="out"):
+        layer(x, out=np.zeros((5, 40), ">f4"))
