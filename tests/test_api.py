@@ -198,3 +198,49 @@ def test_every_public_name_is_documented():
     for fn in (QLoraLinear.from_weight, QLoraLinear.forward, QLoraLinear.dequantize_weight):
         doc = inspect.getdoc(fn)
         assert "Parameters" in doc and "Returns" in doc and "Raises" in doc, fn.__name__
+
+
+class _ArrayLike:
+    """Hands out its own buffer through __array__, as many array libraries do."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __array__(self, dtype=None, copy=None):
+        return self.data
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+@pytest.mark.parametrize("wrap", [np.asmatrix, _ArrayLike, lambda a: a.view(np.memmap)],
+                         ids=["matrix", "__array__", "subclass-view"])
+def test_setters_never_alias_caller_memory(wrap):
+    layer = QLoraLinear.from_weight(W(4, 8), rank=2, bias=np.zeros(4))
+    b = np.zeros((4, 2), np.float32)
+    a = np.zeros((2, 8), np.float32)
+    bias = np.zeros((1, 4), np.float32)  # 2-D so np.asmatrix keeps its shape ...
+    layer.set_lora_b(wrap(b))
+    layer.set_lora_a(wrap(a))
+    b[:] = 5
+    a[:] = 5
+    assert not layer.lora_b.any() and not layer.lora_a.any()
+    if wrap is not np.asmatrix:  # ... but bias must be 1-D
+        layer.set_bias(wrap(bias[0]))
+        bias[:] = 5
+        assert not layer.bias.any()
+        other = QLoraLinear.from_weight(W(4, 8), rank=2, bias=wrap(bias[0].copy() * 0))
+        assert not other.bias.any()
+
+
+def test_setters_never_alias_torch_tensors():
+    torch = pytest.importorskip("torch")
+    layer = QLoraLinear.from_weight(W(4, 8), rank=2)
+    b, bias = torch.zeros(4, 2), torch.zeros(4)
+    layer.set_lora_b(b)
+    layer.set_bias(bias)
+    b += 5  # in place, as an optimizer step would
+    bias += 5
+    assert not layer.lora_b.any() and not layer.bias.any()
+    bias2 = torch.zeros(4)
+    other = QLoraLinear.from_weight(W(4, 8), rank=2, bias=bias2)
+    bias2 += 1
+    assert not other.bias.any()

@@ -319,8 +319,9 @@ class QLoraLinear:
         arr = as_float32(value, name)
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-        if arr is value:
-            arr = arr.copy()
+        # Always copy: a conversion may return a view of the caller's memory (a torch tensor,
+        # an np.matrix, anything with __array__), which the caller could then change.
+        arr = arr.copy()
         check_finite(arr, name)
         return _frozen(arr)
 
@@ -329,8 +330,7 @@ class QLoraLinear:
         arr = as_float32(bias, "bias")
         if arr.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {arr.shape}")
-        if arr is bias:
-            arr = arr.copy()
+        arr = arr.copy()  # never a view of the caller's memory (see _check_matrix)
         check_finite(arr, "bias")
         return _frozen(arr)
 
