@@ -154,7 +154,14 @@ class QLoraLinear:
             )
         rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
         alpha = check_positive_float(alpha, "alpha")
-        group_size = check_int(group_size, "group_size", minimum=1)
+        # The core multiplies by scaling in float32: a finite alpha whose alpha / rank
+        # overflows (or underflows to 0) there would silently give NaN (or drop the adapter).
+        if not 1.1754943508222875e-38 <= alpha / rank <= 3.4028234663852886e38:
+            raise ValueError(
+                f"alpha / rank must be a normal float32 number (the core computes in float32), "
+                f"got alpha={alpha!r} and rank={rank} (alpha / rank = {alpha / rank!r})"
+            )
+        group_size = check_int(group_size, "group_size", minimum=1, maximum=2**63 - 1)  # int64
         seed = check_int(seed, "seed", minimum=0)
         check_finite(w, "weight")
         bias_arr = None if bias is None else cls._check_bias(bias, out_features)
@@ -312,8 +319,9 @@ class QLoraLinear:
         arr = as_float32(value, name)
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-        if arr is value:
-            arr = arr.copy()
+        # Always copy: a conversion may return a view of the caller's memory (a torch tensor,
+        # an np.matrix, anything with __array__), which the caller could then change.
+        arr = arr.copy()
         check_finite(arr, name)
         return _frozen(arr)
 
@@ -322,8 +330,7 @@ class QLoraLinear:
         arr = as_float32(bias, "bias")
         if arr.shape != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {arr.shape}")
-        if arr is bias:
-            arr = arr.copy()
+        arr = arr.copy()  # never a view of the caller's memory (see _check_matrix)
         check_finite(arr, "bias")
         return _frozen(arr)
 

@@ -4,6 +4,7 @@ how many threads the core's pool uses."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 from . import _core
@@ -68,19 +69,20 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(check_int(n, "n", minimum=1, maximum=4096))
 
 
-def _check_env() -> None:
-    """Warn once at import about a QLORA_NUM_THREADS the core will ignore."""
-    raw = os.environ.get("QLORA_NUM_THREADS", "")
-    if raw.strip() and (not raw.strip().isdigit() or not 1 <= int(raw) <= 4096):
+def _warn_on_ignored_env() -> None:
+    # The core silently ignores a QLORA_NUM_THREADS it cannot use (thread_pool.cpp parses it
+    # with strtol: optional blanks and sign, digits, nothing after; 1..4096); say so here.
+    value = os.environ.get("QLORA_NUM_THREADS", "")
+    if value and not (re.fullmatch(r"\s*[+-]?\d+", value) and 1 <= int(value) <= 4096):
         warnings.warn(
-            f"QLORA_NUM_THREADS must be an integer from 1 to 4096, got {raw!r}; using "
-            f"{_core.default_num_threads()} threads (the CPUs this process may run on)",
+            f"QLORA_NUM_THREADS={value!r} is ignored: it must be an integer between 1 and "
+            f"4096; using {_core.default_num_threads()} threads",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
-_check_env()
+_warn_on_ignored_env()
 # Choose the kernels now, so a bad QLORA_FORCE_ISA fails the import with its message rather
 # than the first forward of a long-running server.
 _core.active_isa()

@@ -46,7 +46,8 @@ def as_float32(value: object, name: str, *, ndim: int | None = None) -> np.ndarr
         )
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D with shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,), hiding a 0-d input.
+    return np.asarray(arr, dtype=np.float32, order="C")
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
@@ -83,7 +84,11 @@ def check_positive_float(value: object, name: str) -> float:
     """Return `value` as a float that is finite and > 0."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond the float range: as infinite as it gets
+        raise ValueError(f"{name} must be a finite number > 0, got an integer of "
+                         f"{len(str(abs(int(value))))} digits") from None
     if not np.isfinite(result) or result <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {result}")
     return result
