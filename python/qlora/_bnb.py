@@ -50,7 +50,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     For each exponent ``i`` in ``0 .. max_exponent_bits - 1`` the map holds the midpoints of
     a float32 linspace over [0.1, 1] (``2**(i + non_sign_bits - max_exponent_bits) + 1``
     points, twice as many when unsigned) scaled by ``10**(i - max_exponent_bits + 1)``, and
-    their negatives when ``signed``; then 0 and 1; zero padding to ``2**total_bits``; sorted.
+    their negatives when ``signed``; then 0 and 1; zero padding to 256 entries; sorted.
 
     Parameters
     ----------
@@ -61,7 +61,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     Returns
     -------
     numpy.ndarray
-        float32, shape ``(2**total_bits,)``, ascending.
+        float32, shape ``(max(256, 2**total_bits),)``, ascending (zero-padded to 256 entries,
+        as bitsandbytes does).
     """
     data: list[np.float32] = []
     non_sign_bits = total_bits - 1
@@ -78,6 +79,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     data += [np.float32(0.0), np.float32(1.0)]
     if len(data) != 2 ** total_bits:
         raise ValueError(f"dynamic map has {len(data)} entries, expected {2 ** total_bits}")
+    data += [np.float32(0.0)] * (256 - len(data))  # bitsandbytes pads to 256 entries
     return np.sort(np.array(data, dtype=np.float32))
 
 
