@@ -40,6 +40,7 @@ SUFFIXES = ("codes", "scales", "qscales", "nested_scales", "nested_map", "lora_a
             "bias")
 # Dimensions above this are refused before anything is computed from them.
 MAX_DIM = 1 << 31
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_layers(layers: object) -> dict:
@@ -141,8 +142,8 @@ class _Reader:
     def meta_float(self, name: str, info: dict, key: str, positive: bool) -> float:
         v = info.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or (positive and v <= 0):
-            need = "a finite number > 0" if positive else "a finite number"
+                or abs(v) > _F32_MAX or (positive and v <= 0):
+            need = "a finite float32 number" + (" > 0" if positive else "")
             raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r}")
         return float(v)
 
@@ -194,8 +195,6 @@ class _Reader:
                              self.tensor(f"{name}.nested_scales", "F32", (-(-groups // 256),)))
             nm = self.finite(f"{name}.nested_map",
                              self.tensor(f"{name}.nested_map", "F32", (256,)))
-            if not math.isfinite(float(np.float32(offset))):
-                raise self.fail(f"layers[{name!r}].nested_offset", "overflows float32")
             scales = None
         else:
             scales = self.finite(f"{name}.scales", self.tensor(f"{name}.scales", "F32", (groups,)))
