@@ -99,6 +99,8 @@ class SafetensorsFile:
     mmap : bool, default True
         Map the file read-only and return zero-copy views; otherwise read the data section into
         memory once (after the header has been validated against the file size).
+    header_only : bool, default False
+        Read and validate the header only; :meth:`array` is then unavailable.
 
     Raises
     ------
@@ -108,13 +110,16 @@ class SafetensorsFile:
         If anything in it is inconsistent; the message names the file and the field.
     """
 
-    def __init__(self, path: str | os.PathLike, *, mmap: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, mmap: bool = True,
+                 header_only: bool = False) -> None:
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self.file_size = size
             self._parse_header(f, size)
-            if mmap:
+            if header_only:
+                self._buffer, self._base = None, 0
+            elif mmap:
                 if self.data_size:
                     self._buffer: object = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
                 else:
@@ -226,6 +231,8 @@ class SafetensorsFile:
             If its dtype has no NumPy equivalent (8-bit floats).
         """
         info = self.tensors[name]
+        if self._buffer is None:
+            raise RuntimeError("opened with header_only=True")
         if info.dtype not in _DTYPES:
             raise self.error(f"tensor {name!r} dtype", f"{info.dtype} cannot be read as NumPy")
         dt = _DTYPES[info.dtype]
@@ -234,6 +241,16 @@ class SafetensorsFile:
         arr = arr.reshape(info.shape)
         if not arr.flags.aligned:  # a foreign writer may misalign; the C++ core needs alignment
             arr = arr.copy()
+        arr.setflags(write=False)
+        return arr
+
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of tensor ``name`` as a read-only uint8 view (any dtype, even 8-bit floats)."""
+        info = self.tensors[name]
+        if self._buffer is None:
+            raise RuntimeError("opened with header_only=True")
+        arr = np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes,
+                            offset=self._base + info.begin)
         arr.setflags(write=False)
         return arr
 
@@ -258,9 +275,10 @@ def write_safetensors(
     Parameters
     ----------
     path : str or os.PathLike
-    tensors : iterable of (name, array, dtype_name_or_None)
-        ``dtype_name`` overrides the stored dtype name (e.g. ``"BF16"`` for raw uint16 data).
-        Tensors are laid out widest dtype first, so every tensor is aligned to its itemsize.
+    tensors : iterable of (name, array, dtype_name_or_None) or (name, array, dtype_name, shape)
+        ``dtype_name`` overrides the stored dtype name (e.g. ``"BF16"`` for raw uint16 data);
+        with a ``shape`` the array is raw bytes of that shape and dtype. Tensors are laid out
+        widest dtype first, so every tensor is aligned to its itemsize.
     metadata : mapping of str to str, optional
 
     Returns
@@ -269,22 +287,27 @@ def write_safetensors(
         The size of the file written.
     """
     items = []
-    for name, arr, declared in tensors:
+    for entry in tensors:
+        name, arr, declared = entry[:3]
         if not isinstance(name, str) or name == "__metadata__":
             raise ValueError(f"invalid tensor name {name!r}")
         arr = np.asarray(arr)
         st = _st_dtype(arr, declared)
-        items.append((name, arr, st))
-    names = [n for n, _, _ in items]
+        shape = tuple(int(d) for d in (entry[3] if len(entry) > 3 else arr.shape))
+        size = itemsize_of(st)
+        if size is None or int(np.prod(shape, dtype=object)) * size != arr.nbytes:
+            raise ValueError(f"tensor {name!r}: {arr.nbytes} bytes do not make {st} {shape}")
+        items.append((name, arr, st, shape, size))
+    names = [t[0] for t in items]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names")
-    items.sort(key=lambda t: (-max(1, t[1].dtype.itemsize), t[0]))
+    items.sort(key=lambda t: (-t[4], t[0]))
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     pos = 0
-    for name, arr, st in items:
-        header[name] = {"dtype": st, "shape": [int(d) for d in arr.shape],
+    for name, arr, st, shape, _ in items:
+        header[name] = {"dtype": st, "shape": list(shape),
                         "data_offsets": [pos, pos + arr.nbytes]}
         pos += arr.nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -298,8 +321,8 @@ def write_safetensors(
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for _, arr, _ in items:
-                for chunk in _chunks(arr):
+            for item in items:
+                for chunk in _chunks(item[1]):
                     f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
