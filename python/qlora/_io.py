@@ -12,7 +12,8 @@ Tensors of a layer named ``NAME`` (any string; dots allowed):
 ``NAME.bias``           float32 (out_features,)                  optional
 
 ``__metadata__`` (string values): ``format = "qlora"``, ``format_version = "1"``,
-``codes_layout`` (the packing, so a future layout is never misread), and ``layers``: JSON
+``codes_layout`` (a fingerprint of the core's packing, so a file written with another layout is
+refused rather than misread), and ``layers``: JSON
 ``{NAME: {out_features, in_features, group_size, rank, alpha, scaling, double_quant,
 nested_offset, bias}}``. Other tensors may share the file (``qlora quantize`` carries the
 checkpoint's non-matrix tensors over); the loader ignores them after validating them.
@@ -20,6 +21,7 @@ checkpoint's non-matrix tensors over); the loader ignores them after validating 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,7 +37,25 @@ __all__ = ["save_layers", "load_layers", "layer_tensors", "layers_metadata", "FO
 
 FORMAT_NAME = "qlora"
 FORMAT_VERSION = "1"
-CODES_LAYOUT = f"rows-blocks{int(_core.BLOCK_COLS)}-lo-hi"
+
+
+def _codes_layout() -> str:
+    """A name for the core's packing that changes whenever the packing does: the digest of a
+    fixed code pattern packed by the core itself (so a file written with another layout is
+    refused instead of being decoded into garbage)."""
+    out_f, in_f = 3, 2 * int(_core.BLOCK_COLS) + 7
+    n = out_f * in_f
+    codes = (np.arange(n) * 7 + 3) % 16
+    if n % 2:
+        codes = np.append(codes, 7)
+    flat = ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+    packed = np.empty(_core.packed_bytes(out_f, in_f), dtype=np.uint8)
+    _core.codes_from_bnb(flat, out_f, in_f, packed)
+    digest = hashlib.sha256(packed.tobytes()).hexdigest()[:12]
+    return f"rows-blocks{int(_core.BLOCK_COLS)}-{digest}"
+
+
+CODES_LAYOUT = _codes_layout()
 SUFFIXES = ("codes", "scales", "qscales", "nested_scales", "nested_map", "lora_a", "lora_b",
             "bias")
 # Dimensions above this are refused before anything is computed from them.

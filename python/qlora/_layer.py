@@ -70,7 +70,7 @@ class QLoraLinear:
 
     ``forward(x) = x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias`` with ``scaling = alpha /
     rank``, computed by a fused kernel that decodes the 4-bit codes in registers. Build one with
-    :meth:`from_weight`.
+    :meth:`from_weight`, :meth:`from_bnb` (a bitsandbytes state dict) or :meth:`load` (a file).
 
     Attributes
     ----------
