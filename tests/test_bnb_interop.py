@@ -297,3 +297,31 @@ def test_dynamic_map_inconsistent_arguments():
         F.create_dynamic_map(signed=False, max_exponent_bits=4)
     with pytest.raises(ValueError, match="entries"):
         create_dynamic_map(signed=False, max_exponent_bits=4)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_real_checkpoint_file_forward_matches_bitsandbytes(tmp_path, compress):
+    """The user path: a bitsandbytes 4-bit model's state dict saved to safetensors with torch,
+    read back with safetensors.numpy (no torch), imported with from_bnb; qlora's forward
+    matches the bitsandbytes module's own forward (run only after state_dict() was taken)."""
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(21)
+    w = (rng.standard_normal((96, 256)) * 0.02).astype(np.float32)
+    b = rng.standard_normal(96).astype(np.float32)
+    lin, _ = _bnb_state(w, b, 64, compress)
+    save_file({f"model.fc.{k}": v.contiguous() for k, v in lin.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    layer = QLoraLinear.from_bnb(sd, "model.fc.", rank=4)
+    assert _same_bits(layer.dequantize_weight(), _bnb_dequant(lin))
+    x = rng.standard_normal((7, 256)).astype(np.float32)
+    lin.eval()
+    with torch.no_grad():
+        y_bnb = lin(torch.from_numpy(x)).float().numpy()
+    # Same bf16 argument as in test_bnb_forward_of_exported_state_matches.
+    assert np.linalg.norm(layer(x) - y_bnb) / np.linalg.norm(y_bnb) < 1e-2
+    # And exactly the float64 product with the (bit-exact) dequantized weight, to fp32 rounding.
+    want = x.astype(np.float64) @ layer.dequantize_weight().T.astype(np.float64) + b
+    assert np.linalg.norm(layer(x) - want) / np.linalg.norm(want) < 1e-5
