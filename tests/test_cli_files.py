@@ -149,6 +149,7 @@ def test_file_errors(tmp_path, checkpoint, capsys):
         (["quantize", str(src), str(tmp_path / "nodir" / "o.safetensors")], "does not exist"),
         (["inspect", str(tmp_path / "missing")], "no such file"),
         (["inspect", str(tmp_path)], "is a directory"),
+        (["inspect", "/dev/null"], "not a regular file"),
     ]
     text = tmp_path / "notes.txt"
     text.write_text("these are not tensors, just some words in a text file\n")

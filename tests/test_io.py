@@ -131,6 +131,16 @@ def test_reader_reads_official_files_and_bf16(tmp_path):
     np.testing.assert_array_equal(st.array("b"), t["b"].numpy())
     np.testing.assert_array_equal(st.array("c"), t["c"].numpy())
     assert st.array("e").shape == (0, 4)
+    # Zero-size tensors cost nothing; one NumPy cannot describe is refused, not crashed on.
+    for shape, ok in (([2 ** 20, 2 ** 20, 0], True), ([2 ** 62, 2 ** 62, 0], False)):
+        blob = json.dumps({"z": {"dtype": "F32", "shape": shape,
+                                 "data_offsets": [0, 0]}}).encode()
+        (tmp_path / "z.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+        if ok:
+            assert SafetensorsFile(tmp_path / "z.safetensors").array("z").shape == tuple(shape)
+        else:
+            with pytest.raises(ValueError, match="too large"):
+                SafetensorsFile(tmp_path / "z.safetensors")
     with pytest.raises(ValueError, match="format"):
         qlora.load_layers(tmp_path / "t.safetensors")
 

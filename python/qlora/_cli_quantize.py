@@ -62,6 +62,8 @@ def check_input(path: str) -> None:
         raise FileNotFoundError(f"{path}: no such file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a directory, expected a .safetensors file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a regular file, expected a .safetensors file")
 
 
 def _regex(text: str | None, option: str) -> re.Pattern | None:

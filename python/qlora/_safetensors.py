@@ -209,11 +209,12 @@ class SafetensorsFile:
         if begin > end or end > self.data_size:
             raise self.error(f"{field} data_offsets", f"[{begin}, {end}] is not a range inside "
                              f"the {self.data_size} bytes of data")
-        count = 1
-        for d in shape:  # Python ints: no overflow; stop early once it cannot fit.
+        count = nonzero = 1
+        for d in shape:  # Python ints: no overflow (at most 16 factors)
             count *= d
-            if count * itemsize > self.data_size:
-                break
+            nonzero *= max(d, 1)
+        if nonzero * itemsize >= 2 ** 63:  # NumPy cannot even describe such an array
+            raise self.error(f"{field} shape", f"{shape} is too large")
         if count * itemsize != end - begin:
             raise self.error(f"{field} shape", f"shape {shape} of {dtype} needs "
                              f"{count * itemsize} bytes, but data_offsets give {end - begin}")
@@ -237,6 +238,10 @@ class SafetensorsFile:
             raise self.error(f"tensor {name!r} dtype", f"{info.dtype} cannot be read as NumPy")
         dt = _DTYPES[info.dtype]
         count = info.nbytes // dt.itemsize
+        if count == 0:
+            arr = np.empty(info.shape, dtype=dt)
+            arr.setflags(write=False)
+            return arr
         arr = np.frombuffer(self._buffer, dtype=dt, count=count, offset=self._base + info.begin)
         arr = arr.reshape(info.shape)
         if not arr.flags.aligned:  # a foreign writer may misalign; the C++ core needs alignment
@@ -249,8 +254,11 @@ class SafetensorsFile:
         info = self.tensors[name]
         if self._buffer is None:
             raise RuntimeError("opened with header_only=True")
-        arr = np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes,
-                            offset=self._base + info.begin)
+        if info.nbytes == 0:
+            arr = np.empty(0, dtype=np.uint8)
+        else:
+            arr = np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes,
+                                offset=self._base + info.begin)
         arr.setflags(write=False)
         return arr
 
