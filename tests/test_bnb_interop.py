@@ -325,3 +325,13 @@ def test_real_checkpoint_file_forward_matches_bitsandbytes(tmp_path, compress):
     # And exactly the float64 product with the (bit-exact) dequantized weight, to fp32 rounding.
     want = x.astype(np.float64) @ layer.dequantize_weight().T.astype(np.float64) + b
     assert np.linalg.norm(layer(x) - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_from_bnb_argument_errors():
+    sd = _good_sd()
+    with pytest.raises(ValueError, match="rank"):
+        QLoraLinear.from_bnb(sd, rank=9)  # > min(8, 64)
+    with pytest.raises(ValueError, match="alpha"):
+        QLoraLinear.from_bnb(sd, alpha=-1.0)
+    with pytest.raises(TypeError, match="prefix"):
+        QLoraLinear.from_bnb(sd, prefix=3)

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import _core
+from ._validate import check_int, check_positive_float
 
 __all__ = ["create_dynamic_map", "double_quantize", "layer_from_bnb", "layer_to_bnb"]
 
@@ -238,6 +239,9 @@ def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: 
     n = out_features * in_features
     if n >= 2 ** 62:
         raise _err(prefix, "quant_state['shape']", f"{shape} is too large")
+    rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
+    alpha = check_positive_float(alpha, "alpha")
+    seed = check_int(seed, "seed", minimum=0)
     num_groups = -(-n // group_size)
 
     weight = _get(state_dict, prefix, "weight")
@@ -297,11 +301,6 @@ def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: 
                       float(np.float32(offset)))
     bias = _get(state_dict, prefix, "bias", required=False)
     bias_arr = None if bias is None else cls._check_bias(bias, out_features)
-    from ._validate import check_int, check_positive_float
-
-    rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
-    alpha = check_positive_float(alpha, "alpha")
-    seed = check_int(seed, "seed", minimum=0)
     lora = _new_lora(rank, alpha, seed, out_features, in_features)
     return cls._from_parts(parts, lora, bias_arr)
 
