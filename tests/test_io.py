@@ -356,3 +356,18 @@ def test_mmap_shares_pages_across_processes(tmp_path):
     rss_load = int(p.communicate(timeout=300)[0].split()[0])
     assert rss_load > codes_bytes
     np.testing.assert_array_equal(np.load(tmp_path / "y2.npy"), y0)
+
+
+def test_overwrite_file_a_layer_is_mapped_from(tmp_path):
+    """Saving over the file a live layer maps is safe: the rename leaves the old inode (and the
+    mapping) intact, and the new file holds the new state."""
+    path = tmp_path / "l.safetensors"
+    original = _layer()
+    original.save(path)
+    mapped = QLoraLinear.load(path)
+    mapped.set_lora_b(np.zeros((40, 4)))
+    mapped.save(path)
+    reloaded = QLoraLinear.load(path)
+    np.testing.assert_array_equal(reloaded.lora_b, 0)
+    np.testing.assert_array_equal(mapped.dequantize_weight(), original.dequantize_weight())
+    np.testing.assert_array_equal(reloaded.dequantize_weight(), original.dequantize_weight())
