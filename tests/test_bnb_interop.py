@@ -167,7 +167,8 @@ def test_to_bnb_matches_bitsandbytes(shape, compress, bias):
         # lookup-table quantizer is not nearest (REFERENCE.md), and its torch mean may differ
         # from ours in the last bit.
         np.testing.assert_array_equal(ours["weight"], sd["weight"])
-        np.testing.assert_array_equal(ours["weight.nested_quant_map"], sd["weight.nested_quant_map"])
+        np.testing.assert_array_equal(ours["weight.nested_quant_map"],
+                                      sd["weight.nested_quant_map"])
         d = np.abs(ours["weight.absmax"].astype(int) - sd["weight.absmax"].astype(int))
         assert d.max() <= 1
     # bitsandbytes loads it and dequantizes to our weight.

@@ -103,7 +103,8 @@ def test_official_reader_reads_output_with_bf16(tmp_path, checkpoint):
     tensors = load_file(str(out))
     emb = tensors["model.embed_tokens.weight"]
     assert emb.dtype == torch.bfloat16
-    np.testing.assert_array_equal(emb.float().numpy(), bf16_to_float32(t["model.embed_tokens.weight"][0]))
+    np.testing.assert_array_equal(emb.float().numpy(),
+                                  bf16_to_float32(t["model.embed_tokens.weight"][0]))
 
 
 def test_options(tmp_path, checkpoint, capsys):

@@ -230,7 +230,8 @@ class _Reader:
             present.add("bias")
         for s in SUFFIXES:
             if s not in present and f"{name}.{s}" in self.st.tensors:
-                raise self.fail(f"tensor {name + '.' + s!r}", "is present but the metadata of layer "
+                key = f"{name}.{s}"
+                raise self.fail(f"tensor {key!r}", "is present but the metadata of layer "
                                 f"{name!r} does not call for it")
         parts = _Nf4Parts(out_f, in_f, gs, codes, scales, qs, ns, nm,
                           float(np.float32(offset)))
