@@ -255,3 +255,16 @@ def test_console_script(tmp_path, checkpoint):
     r = subprocess.run([sys.executable, "-m", "qlora", "quantize", str(src), str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"fc": np.ones((4, 8), np.float32)}, "both become layer 'fc'"),
+    ({"fc.bias": np.ones((2, 2), np.int32)}, "collide"),
+    ({"fc.scales": np.ones(3, np.float32)}, "collide"),
+])
+def test_name_collisions(tmp_path, capsys, extra, message):
+    t = {"fc.weight": np.ones((4, 8), np.float32), **extra}
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, [(k, v, None) for k, v in t.items()])
+    assert main(["quantize", str(src), str(tmp_path / "o.safetensors"), "--all-matrices"]) == 2
+    assert message in capsys.readouterr().err

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ._io import layer_tensors, layers_metadata
+from ._io import SUFFIXES, layer_tensors, layers_metadata
 from ._layer import QLoraLinear
 from ._safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
 
@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     for i, name in enumerate(names, 1):
         info = st.tensors[name]
         layer_name = name[: -len(".weight")] if name.endswith(".weight") else name
+        if layer_name in layers:
+            raise ValueError(f"{args.input}: two tensors would both become layer "
+                             f"{layer_name!r}; exclude one of them")
         bias = None
         bias_name = layer_name + ".bias"
         b_info = st.tensors.get(bias_name)
@@ -172,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     tensors: list[tuple] = []
     for name, layer in layers.items():
         tensors += layer_tensors(name, layer)
-    taken = {t[0] for t in tensors}
+    # Every key a layer may own: a carried-over tensor under one of them would be misread.
+    taken = {f"{name}.{s}" for name in layers for s in SUFFIXES}
     carried = []
     for name, info in st.tensors.items():
         if name in consumed:
