@@ -9,16 +9,22 @@
 from __future__ import annotations
 
 from . import _core
+from ._io import load_layers, save_layers
 from ._layer import QLoraLinear
+from ._peft import LoraWeights, load_peft_adapter
 from ._runtime import active_isa, available_isas, get_num_threads, set_num_threads
 
 __version__: str = _core.__version__
 
 __all__ = [
+    "LoraWeights",
     "QLoraLinear",
     "__version__",
     "active_isa",
     "available_isas",
     "get_num_threads",
+    "load_layers",
+    "load_peft_adapter",
+    "save_layers",
     "set_num_threads",
 ]

@@ -1,0 +1,299 @@
+"""qlora's own file format: layers in one safetensors file.
+
+Tensors of a layer named ``NAME`` (any string; dots allowed):
+
+``NAME.codes``          uint8 (out_features, packed_row_bytes)   qlora's packed rows
+``NAME.scales``         float32 (num_groups,)                    plain scales, or
+``NAME.qscales``        uint8 (num_groups,)                      double-quantized scales with
+``NAME.nested_scales``  float32 (ceil(num_groups / 256),)
+``NAME.nested_map``     float32 (256,)
+``NAME.lora_a``         float32 (rank, in_features)
+``NAME.lora_b``         float32 (out_features, rank)
+``NAME.bias``           float32 (out_features,)                  optional
+
+``__metadata__`` (string values): ``format = "qlora"``, ``format_version = "1"``,
+``codes_layout`` (a fingerprint of the core's packing, so a file written with another layout is
+refused rather than misread), and ``layers``: JSON
+``{NAME: {out_features, in_features, group_size, rank, alpha, scaling, double_quant,
+nested_offset, bias}}``. Other tensors may share the file (``qlora quantize`` carries the
+checkpoint's non-matrix tensors over); the loader ignores them after validating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _core
+from ._safetensors import SafetensorsFile, _no_duplicates, write_safetensors
+
+__all__ = ["save_layers", "load_layers", "layer_tensors", "layers_metadata", "FORMAT_NAME",
+           "FORMAT_VERSION"]
+
+FORMAT_NAME = "qlora"
+FORMAT_VERSION = "1"
+
+
+def _codes_layout() -> str:
+    """A name for the core's packing that changes whenever the packing does: the digest of a
+    fixed code pattern packed by the core itself (so a file written with another layout is
+    refused instead of being decoded into garbage)."""
+    out_f, in_f = 3, 2 * int(_core.BLOCK_COLS) + 7
+    n = out_f * in_f
+    codes = (np.arange(n) * 7 + 3) % 16
+    if n % 2:
+        codes = np.append(codes, 7)
+    flat = ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
+    packed = np.empty(_core.packed_bytes(out_f, in_f), dtype=np.uint8)
+    _core.codes_from_bnb(flat, out_f, in_f, packed)
+    digest = hashlib.sha256(packed.tobytes()).hexdigest()[:12]
+    return f"rows-blocks{int(_core.BLOCK_COLS)}-{digest}"
+
+
+CODES_LAYOUT = _codes_layout()
+SUFFIXES = ("codes", "scales", "qscales", "nested_scales", "nested_map", "lora_a", "lora_b",
+            "bias")
+# Dimensions above this are refused before anything is computed from them.
+MAX_DIM = 1 << 31
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_layers(layers: object) -> dict:
+    from ._layer import QLoraLinear
+
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"layers must be a mapping of names to QLoraLinear, got "
+                        f"{type(layers).__name__}")
+    if not layers:
+        raise ValueError("layers must hold at least one layer")
+    for name, layer in layers.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"layer names must be non-empty strings, got {name!r}")
+        if not isinstance(layer, QLoraLinear):
+            raise TypeError(f"layers[{name!r}] must be a QLoraLinear, got "
+                            f"{type(layer).__name__}")
+    return dict(layers)
+
+
+def layer_tensors(name: str, layer: Any) -> list[tuple[str, np.ndarray, None]]:
+    """The (key, array, None) tensors of one layer, for :func:`write_safetensors`."""
+    w, lora = layer._w, layer._lora
+    row_bytes = w.codes.size // w.out_features
+    out = [(f"{name}.codes", np.asarray(w.codes).reshape(w.out_features, row_bytes), None)]
+    if w.qscales is None:
+        out.append((f"{name}.scales", np.asarray(w.scales), None))
+    else:
+        out += [(f"{name}.qscales", np.asarray(w.qscales), None),
+                (f"{name}.nested_scales", np.asarray(w.nested_scales), None),
+                (f"{name}.nested_map", np.asarray(w.nested_map), None)]
+    out += [(f"{name}.lora_a", lora.a, None), (f"{name}.lora_b", lora.b, None)]
+    if layer._bias is not None:
+        out.append((f"{name}.bias", layer._bias, None))
+    return out
+
+
+def layers_metadata(layers: Mapping[str, Any]) -> dict[str, str]:
+    """The ``__metadata__`` describing ``layers``."""
+    info = {}
+    for name, layer in layers.items():
+        w = layer._w
+        info[name] = {
+            "out_features": w.out_features, "in_features": w.in_features,
+            "group_size": w.group_size, "rank": layer.rank, "alpha": layer.alpha,
+            "scaling": layer.scaling, "double_quant": w.qscales is not None,
+            "nested_offset": float(w.nested_offset), "bias": layer._bias is not None,
+        }
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "codes_layout": CODES_LAYOUT, "layers": json.dumps(info)}
+
+
+def save_layers(path: str | os.PathLike, layers: Mapping[str, Any]) -> None:
+    """Save several layers to one safetensors file.
+
+    The file is written to a temporary name in the same directory and renamed over ``path``,
+    so an interrupted save never leaves a half-written file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    layers : mapping of str to QLoraLinear
+        Non-empty; names are any non-empty strings (module paths such as
+        ``"model.layers.0.mlp.up_proj"`` are typical).
+
+    Raises
+    ------
+    TypeError
+        If ``layers`` is not a mapping of QLoraLinear.
+    ValueError
+        If it is empty or a name is empty.
+    OSError
+        If the file cannot be written.
+
+    Examples
+    --------
+    >>> qlora.save_layers("model.qlora.safetensors", {"up": up, "down": down})  # doctest: +SKIP
+    """
+    layers = _check_layers(layers)
+    tensors = [t for name, layer in layers.items() for t in layer_tensors(name, layer)]
+    write_safetensors(path, tensors, layers_metadata(layers))
+
+
+class _Reader:
+    """Checks one layer's metadata and tensors against each other before building it."""
+
+    def __init__(self, st: SafetensorsFile) -> None:
+        self.st = st
+
+    def fail(self, field: str, msg: str) -> ValueError:
+        return self.st.error(field, msg)
+
+    def meta_int(self, name: str, info: dict, key: str, lo: int, hi: int) -> int:
+        v = info.get(key)
+        if type(v) is not int or not lo <= v <= hi:
+            raise self.fail(f"layers[{name!r}].{key}", f"must be an integer in {lo}..{hi}, "
+                            f"got {v!r}")
+        return v
+
+    def meta_float(self, name: str, info: dict, key: str, positive: bool) -> float:
+        v = info.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or abs(v) > _F32_MAX or (positive and v <= 0):
+            need = "a finite float32 number" + (" > 0" if positive else "")
+            raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r}")
+        return float(v)
+
+    def meta_bool(self, name: str, info: dict, key: str) -> bool:
+        v = info.get(key)
+        if type(v) is not bool:
+            raise self.fail(f"layers[{name!r}].{key}", f"must be true or false, got {v!r}")
+        return v
+
+    def tensor(self, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        t = self.st.tensors.get(key)
+        if t is None:
+            raise self.fail(f"tensor {key!r}", "missing")
+        if t.dtype != dtype:
+            raise self.fail(f"tensor {key!r} dtype", f"must be {dtype}, got {t.dtype}")
+        if t.shape != shape:
+            raise self.fail(f"tensor {key!r} shape", f"must be {shape} to match the "
+                            f"metadata, got {t.shape}")
+        return self.st.array(key)
+
+    def finite(self, key: str, arr: np.ndarray) -> np.ndarray:
+        if arr.size and not np.isfinite(arr).all():
+            raise self.fail(f"tensor {key!r}", "holds NaN or Inf")
+        return arr
+
+    def layer(self, name: str, info: object) -> Any:
+        from ._layer import QLoraLinear, _Lora, _Nf4Parts
+
+        if not isinstance(info, dict):
+            raise self.fail(f"layers[{name!r}]", "must be a JSON object")
+        out_f = self.meta_int(name, info, "out_features", 1, MAX_DIM)
+        in_f = self.meta_int(name, info, "in_features", 1, MAX_DIM)
+        gs = self.meta_int(name, info, "group_size", 1, 1 << 62)
+        rank = self.meta_int(name, info, "rank", 1, MAX_DIM)
+        scaling = self.meta_float(name, info, "scaling", positive=True)
+        dq = self.meta_bool(name, info, "double_quant")
+        has_bias = self.meta_bool(name, info, "bias")
+        offset = self.meta_float(name, info, "nested_offset", positive=False) if dq else 0.0
+        # Python ints: nothing here can overflow; every shape is then checked against the
+        # header, which was checked against the file size.
+        n = out_f * in_f
+        groups = -(-n // gs)
+        row_bytes = -(-in_f // int(_core.BLOCK_COLS)) * (int(_core.BLOCK_COLS) // 2)
+
+        codes = self.tensor(f"{name}.codes", "U8", (out_f, row_bytes))
+        if dq:
+            qs = self.tensor(f"{name}.qscales", "U8", (groups,))
+            ns = self.finite(f"{name}.nested_scales",
+                             self.tensor(f"{name}.nested_scales", "F32", (-(-groups // 256),)))
+            nm = self.finite(f"{name}.nested_map",
+                             self.tensor(f"{name}.nested_map", "F32", (256,)))
+            scales = None
+        else:
+            scales = self.finite(f"{name}.scales", self.tensor(f"{name}.scales", "F32", (groups,)))
+            qs = ns = nm = None
+        a = self.finite(f"{name}.lora_a", self.tensor(f"{name}.lora_a", "F32", (rank, in_f)))
+        b = self.finite(f"{name}.lora_b", self.tensor(f"{name}.lora_b", "F32", (out_f, rank)))
+        bias = None
+        if has_bias:
+            bias = self.finite(f"{name}.bias", self.tensor(f"{name}.bias", "F32", (out_f,)))
+        present = {"codes", "lora_a", "lora_b"} | ({"qscales", "nested_scales", "nested_map"}
+                                                   if dq else {"scales"})
+        if has_bias:
+            present.add("bias")
+        for s in SUFFIXES:
+            if s not in present and f"{name}.{s}" in self.st.tensors:
+                key = f"{name}.{s}"
+                raise self.fail(f"tensor {key!r}", "is present but the metadata of layer "
+                                f"{name!r} does not call for it")
+        parts = _Nf4Parts(out_f, in_f, gs, codes, scales, qs, ns, nm,
+                          float(np.float32(offset)))
+        try:
+            return QLoraLinear._from_parts(parts, _Lora(a, b, scaling), bias)
+        except ValueError as exc:  # the core's own checks; should not trigger after ours
+            raise self.fail(f"layers[{name!r}]", str(exc)) from None
+
+
+def read_layers_metadata(st: SafetensorsFile) -> dict:
+    """Validate the qlora metadata of an opened file; returns the ``layers`` mapping."""
+    meta = st.metadata
+    fmt = meta.get("format")
+    if fmt != FORMAT_NAME:
+        raise st.error("__metadata__.format", f"must be {FORMAT_NAME!r} (a file written by "
+                       f"qlora), got {fmt!r}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise st.error("__metadata__.format_version", f"version {version!r} is not supported "
+                       f"(this qlora reads version {FORMAT_VERSION})")
+    layout = meta.get("codes_layout")
+    if layout != CODES_LAYOUT:
+        raise st.error("__metadata__.codes_layout", f"must be {CODES_LAYOUT!r}, got {layout!r}")
+    try:
+        layers = json.loads(meta.get("layers", ""), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise st.error("__metadata__.layers", f"not valid JSON ({exc})") from None
+    if not isinstance(layers, dict) or not layers:
+        raise st.error("__metadata__.layers", "must be a non-empty JSON object")
+    return layers
+
+
+def load_layers(path: str | os.PathLike, *, mmap: bool = True) -> dict:
+    """Load every layer of a file written by :func:`save_layers` or ``qlora quantize``.
+
+    Every count, size, dtype and shape is checked against the metadata and the file size
+    before any data is touched; nothing is unpickled.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    mmap : bool, default True
+        Use the packed codes and scales straight from a read-only shared mapping of the file
+        (no copy). The file must not be modified or truncated while the layers are alive.
+        With ``False`` the file is read into memory once.
+
+    Returns
+    -------
+    dict of str to QLoraLinear
+        In the order the metadata lists them.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be opened or read.
+    ValueError
+        If it is not a valid qlora safetensors file; the message names the file and the
+        field (header length, a tensor's offsets or shape, a layer's group size, ...).
+    """
+    if not isinstance(mmap, (bool, np.bool_)):
+        raise TypeError(f"mmap must be a bool, got {type(mmap).__name__}")
+    st = SafetensorsFile(path, mmap=bool(mmap))
+    reader = _Reader(st)
+    return {name: reader.layer(name, info)
+            for name, info in read_layers_metadata(st).items()}

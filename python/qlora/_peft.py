@@ -1,0 +1,219 @@
+"""Reading PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``) without
+torch or peft.
+
+Scaling follows PEFT 0.21's ``LoraLayer.update_layer``: ``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with ``use_rslora``, where ``r`` and ``lora_alpha`` are overridden
+per module by ``rank_pattern`` / ``alpha_pattern``. A pattern key ``K`` applies to module path
+``M`` when ``re.match(rf"(.*\\.)?({K})$", M)`` matches, the first such key in the file's order
+winning (PEFT's ``get_pattern_key``). Options that change the forward math (DoRA,
+``fan_in_fan_out``, LoRA bias, trained base biases, ``modules_to_save``, ...) are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from ._safetensors import SafetensorsFile, bf16_to_float32
+
+__all__ = ["LoraWeights", "load_peft_adapter"]
+
+_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+# Config options whose non-default values change what the adapter computes.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) adds a magnitude vector and renormalises the weight",
+    "fan_in_fan_out": "fan_in_fan_out stores weights transposed (Conv1D layers)",
+    "lora_bias": "lora_bias adds a bias to lora_B",
+    "use_qalora": "QA-LoRA pools the input before lora_A",
+    "alora_invocation_tokens": "activated LoRA depends on the token sequence",
+    "layer_replication": "layer_replication duplicates layers",
+    "target_parameters": "LoRA on nn.Parameters (target_parameters) is not a Linear adapter",
+    "modules_to_save": "modules_to_save replaces whole modules with trained copies",
+    "trainable_token_indices": "trainable tokens change embeddings",
+    "use_bdlora": "block-diagonal LoRA changes the adapter shape",
+    "arrow_config": "Arrow routing mixes several adapters",
+    "kasa_config": "KaSA changes the adapter math",
+    "monteclora_config": "MonteCLoRA changes the adapter math",
+    "velora_config": "VeLoRA changes the adapter math",
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """One module's LoRA adapter as read from a PEFT folder.
+
+    Attributes
+    ----------
+    name : str
+        The module path inside the base model, e.g. ``"model.layers.0.self_attn.q_proj"``.
+    a : numpy.ndarray
+        float32 (rank, in_features), read-only: ``lora_A.weight``.
+    b : numpy.ndarray
+        float32 (out_features, rank), read-only: ``lora_B.weight``.
+    scaling : float
+        ``lora_alpha / rank`` (or ``/ sqrt(rank)`` with rsLoRA), after per-module patterns.
+    rank : int
+    """
+
+    name: str
+    a: np.ndarray
+    b: np.ndarray
+    scaling: float
+    rank: int
+
+    def __repr__(self) -> str:
+        return (f"LoraWeights(name={self.name!r}, rank={self.rank}, "
+                f"in_features={self.a.shape[1]}, out_features={self.b.shape[0]}, "
+                f"scaling={self.scaling:g})")
+
+
+def _pattern_value(patterns: dict, module: str, default: Any, field: str,
+                   config_path: str) -> Any:
+    for key, value in patterns.items():
+        try:
+            match = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as exc:
+            raise ValueError(f"{config_path}: {field}: key {key!r} is not a valid regular "
+                             f"expression ({exc})") from None
+        if match:
+            return value
+    return default
+
+
+def _as_f32(st: SafetensorsFile, key: str) -> np.ndarray:
+    info = st.tensors[key]
+    raw = st.array(key)
+    if info.dtype == "BF16":
+        arr = bf16_to_float32(raw)
+    elif info.dtype in ("F32", "F16", "F64"):
+        arr = raw.astype(np.float32)
+    else:
+        raise st.error(f"tensor {key!r} dtype", f"must be a float type, got {info.dtype}")
+    if arr.ndim != 2:
+        raise st.error(f"tensor {key!r} shape", f"must be 2-D (a Linear adapter), got "
+                       f"{arr.shape}")
+    if not np.isfinite(arr).all():
+        raise st.error(f"tensor {key!r}", "holds NaN or Inf")
+    arr = np.ascontiguousarray(arr)
+    arr.setflags(write=False)
+    return arr
+
+
+def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
+    """Read a PEFT LoRA adapter folder.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        A folder written by ``PeftModel.save_pretrained``: ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (``adapter_model.bin`` pickles are not read).
+
+    Returns
+    -------
+    dict of str to LoraWeights
+        Keyed by module path inside the base model (the ``base_model.model.`` prefix and the
+        ``.lora_A.weight`` suffix removed). Apply one with :meth:`QLoraLinear.load_adapter`.
+
+    Raises
+    ------
+    OSError
+        If the folder or a file is missing or unreadable.
+    ValueError
+        If the config is not a LoRA config, uses DoRA, ``fan_in_fan_out`` or another option
+        that changes the math, or the tensors are inconsistent with it (the message names the
+        file and the field).
+
+    Examples
+    --------
+    >>> adapters = qlora.load_peft_adapter("my-adapter/")  # doctest: +SKIP
+    >>> layers["model.layers.0.mlp.up_proj"].load_adapter(
+    ...     adapters["model.layers.0.mlp.up_proj"])  # doctest: +SKIP
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a directory (expected a PEFT adapter folder)")
+    config_path = os.path.join(folder, "adapter_config.json")
+    weights_path = os.path.join(folder, "adapter_model.safetensors")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: must hold a JSON object")
+
+    def bad(field: str, msg: str) -> ValueError:
+        return ValueError(f"{config_path}: {field}: {msg}")
+
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise bad("peft_type", f"only 'LORA' adapters are supported, got {peft_type!r}")
+    for key, why in _UNSUPPORTED.items():
+        if config.get(key):
+            raise bad(key, f"{why}; not supported by qlora")
+    if config.get("bias", "none") != "none":
+        raise bad("bias", f"{config.get('bias')!r}: the adapter trains base-layer biases; only "
+                  "'none' is supported")
+    r = config.get("r")
+    alpha = config.get("lora_alpha")
+    if type(r) is not int or r < 1:
+        raise bad("r", f"must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise bad("lora_alpha", f"must be a finite number, got {alpha!r}")
+    rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for field, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pat, dict):
+            raise bad(field, f"must be an object, got {type(pat).__name__}")
+
+    st = SafetensorsFile(weights_path, mmap=False)
+    modules: dict[str, dict[str, str]] = {}
+    for key in st.tensors:
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        for suffix, part in ((_A, "a"), (_B, "b")):
+            if name.endswith(suffix):
+                modules.setdefault(name[: -len(suffix)], {})[part] = key
+                break
+        else:
+            if "lora_embedding" in key:
+                why = "LoRA on embeddings is not supported (Linear layers only)"
+            elif "lora_magnitude_vector" in key:
+                why = "DoRA magnitude vectors are not supported"
+            else:
+                why = "not a lora_A/lora_B weight; qlora applies Linear LoRA adapters only"
+            raise st.error(f"tensor {key!r}", why)
+
+    out: dict[str, LoraWeights] = {}
+    for module, keys in sorted(modules.items()):
+        for part, suffix in (("a", _A), ("b", _B)):
+            if part not in keys:
+                raise st.error(f"module {module!r}", f"has no {suffix[1:]} tensor")
+        a = _as_f32(st, keys["a"])
+        b = _as_f32(st, keys["b"])
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise st.error(f"tensor {keys['b']!r} shape", f"must be (out_features, {rank}) to "
+                           f"match lora_A {a.shape}, got {b.shape}")
+        mod_r = _pattern_value(rank_pattern, module, r, "rank_pattern", config_path)
+        mod_alpha = _pattern_value(alpha_pattern, module, alpha, "alpha_pattern", config_path)
+        if type(mod_r) is not int or mod_r != rank:
+            raise st.error(f"tensor {keys['a']!r} shape", f"has rank {rank} but the config "
+                           f"gives module {module!r} r = {mod_r!r}")
+        if (isinstance(mod_alpha, bool) or not isinstance(mod_alpha, (int, float))
+                or not math.isfinite(mod_alpha) or mod_alpha <= 0):
+            raise bad("alpha_pattern", f"module {module!r} gets lora_alpha {mod_alpha!r}; "
+                      "must be a finite number > 0")
+        scaling = mod_alpha / math.sqrt(rank) if rslora else mod_alpha / rank
+        out[module] = LoraWeights(module, a, b, float(scaling), rank)
+    if not out:
+        raise st.error("tensors", "the adapter holds no LoRA weights")
+    return out

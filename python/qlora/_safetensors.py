@@ -1,0 +1,363 @@
+"""A small, defensive reader and writer of the safetensors format, in NumPy only (no torch, no
+pickle).
+
+The format: an 8-byte little-endian header length ``N``, ``N`` bytes of UTF-8 JSON mapping each
+tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
+data section) plus an optional ``"__metadata__"`` of string values, then the data section.
+
+The reader checks every size, offset, dtype and shape against the header and the file size
+before it maps or allocates anything, so a damaged or hostile file raises ``ValueError`` naming
+the file and the field. With ``mmap=True`` tensors are read-only views of one shared read-only
+mapping of the file: nothing is copied, and processes mapping the same file share its pages.
+The writer writes to a temporary file in the target directory and renames it over the target,
+so an interrupted write never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap as _mmap
+import os
+import struct
+import tempfile
+from typing import IO, Iterable, Iterator, Mapping, NamedTuple
+
+import numpy as np
+
+__all__ = ["SafetensorsFile", "TensorInfo", "write_safetensors", "bf16_to_float32"]
+
+# The reference implementation refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100_000_000
+MAX_NDIM = 16
+
+# safetensors dtype name -> NumPy dtype (little-endian). BF16 has no NumPy dtype: its raw
+# 16-bit patterns are exposed as uint16 (see bf16_to_float32).
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+# Names the format defines whose data we can carry and measure but not interpret.
+_OPAQUE_ITEMSIZE = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+_NUMPY_TO_ST = {
+    np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
+    np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8",
+    np.dtype("<u8"): "U64", np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
+    np.dtype("?"): "BOOL",
+}
+
+
+def itemsize_of(dtype: str) -> int | None:
+    """Bytes per element of a safetensors dtype name, or None if unknown."""
+    if dtype in _DTYPES:
+        return _DTYPES[dtype].itemsize
+    return _OPAQUE_ITEMSIZE.get(dtype)
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bit patterns (uint16) to float32, exactly (bf16 is the top half)."""
+    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class TensorInfo(NamedTuple):
+    """One header entry, validated: dtype name, shape, and [begin, end) in the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+class SafetensorsFile:
+    """A validated safetensors file: its header, metadata and (lazily) its tensors.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+    mmap : bool, default True
+        Map the file read-only and return zero-copy views; otherwise read the data section into
+        memory once (after the header has been validated against the file size).
+    header_only : bool, default False
+        Read and validate the header only; :meth:`array` is then unavailable.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be opened or read (missing, a directory, permissions).
+    ValueError
+        If anything in it is inconsistent; the message names the file and the field.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, mmap: bool = True,
+                 header_only: bool = False) -> None:
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.file_size = size
+            self._parse_header(f, size)
+            if header_only:
+                self._buffer, self._base = None, 0
+            elif mmap:
+                if self.data_size:
+                    self._buffer: object = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+                else:
+                    self._buffer = b""
+                self._base = self.data_start
+            else:
+                f.seek(self.data_start)
+                data = f.read(self.data_size)
+                if len(data) != self.data_size:
+                    raise self.error("data", f"file shrank while reading: expected "
+                                     f"{self.data_size} bytes of data, read {len(data)}")
+                self._buffer = data
+                self._base = 0
+
+    # ------------------------------------------------------------------ header
+    def error(self, field: str, msg: str) -> ValueError:
+        return ValueError(f"{self.path}: {field}: {msg}")
+
+    def _parse_header(self, f: IO[bytes], size: int) -> None:
+        if size < 8:
+            raise self.error("header length", f"file is {size} bytes, too short to be a "
+                             "safetensors file (needs at least the 8-byte header length)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n < 2 or n > MAX_HEADER_BYTES:
+            raise self.error("header length", f"{n} is outside 2..{MAX_HEADER_BYTES}; not a "
+                             "safetensors file or a damaged one")
+        if n > size - 8:
+            raise self.error("header length", f"header of {n} bytes does not fit in a file of "
+                             f"{size} bytes (truncated?)")
+        raw = f.read(n)
+        if len(raw) != n:
+            raise self.error("header", f"expected {n} bytes, read {len(raw)}")
+        try:
+            text = raw.decode("utf-8")
+            header = json.loads(text, object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise self.error("header", f"not valid UTF-8 JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise self.error("header", f"must be a JSON object, got {type(header).__name__}")
+        self.data_start = 8 + n
+        self.data_size = size - self.data_start
+
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise self.error("__metadata__", "must be an object of string values")
+        self.metadata: dict[str, str] = meta
+
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            tensors[name] = self._parse_entry(name, entry)
+        # The data section must be exactly covered by the tensors, in order, without gaps or
+        # overlaps (as the reference implementation requires).
+        pos = 0
+        for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+            if info.begin != pos:
+                what = "overlaps the previous tensor" if info.begin < pos else "leaves a gap"
+                raise self.error(f"tensor {info.name!r} data_offsets",
+                                 f"begins at {info.begin}, expected {pos} ({what})")
+            pos = info.end
+        if pos != self.data_size:
+            raise self.error("data", f"tensors cover {pos} bytes but the file holds "
+                             f"{self.data_size} bytes of data (truncated or padded file)")
+        self.tensors = tensors
+
+    def _parse_entry(self, name: str, entry: object) -> TensorInfo:
+        field = f"tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise self.error(field, "must be an object with exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise self.error(f"{field} dtype", f"must be a string, got {dtype!r}")
+        itemsize = itemsize_of(dtype)
+        if itemsize is None:
+            raise self.error(f"{field} dtype", f"unknown dtype {dtype!r}")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(_is_int(d) and d >= 0 for d in shape)):
+            raise self.error(f"{field} shape", f"must be a list of at most {MAX_NDIM} "
+                             f"non-negative integers, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(o) and o >= 0 for o in offsets)):
+            raise self.error(f"{field} data_offsets", f"must be [begin, end] non-negative "
+                             f"integers, got {offsets!r}")
+        begin, end = offsets
+        if begin > end or end > self.data_size:
+            raise self.error(f"{field} data_offsets", f"[{begin}, {end}] is not a range inside "
+                             f"the {self.data_size} bytes of data")
+        count = nonzero = 1
+        for d in shape:  # Python ints: no overflow (at most 16 factors)
+            count *= d
+            nonzero *= max(d, 1)
+        if nonzero * itemsize >= 2 ** 63:  # NumPy cannot even describe such an array
+            raise self.error(f"{field} shape", f"{shape} is too large")
+        if count * itemsize != end - begin:
+            raise self.error(f"{field} shape", f"shape {shape} of {dtype} needs "
+                             f"{count * itemsize} bytes, but data_offsets give {end - begin}")
+        return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+    # ------------------------------------------------------------------ data
+    def array(self, name: str) -> np.ndarray:
+        """A read-only NumPy view of tensor ``name`` (BF16 as raw uint16).
+
+        Raises
+        ------
+        KeyError
+            If there is no such tensor.
+        ValueError
+            If its dtype has no NumPy equivalent (8-bit floats).
+        """
+        info = self.tensors[name]
+        if self._buffer is None:
+            raise RuntimeError("opened with header_only=True")
+        if info.dtype not in _DTYPES:
+            raise self.error(f"tensor {name!r} dtype", f"{info.dtype} cannot be read as NumPy")
+        dt = _DTYPES[info.dtype]
+        count = info.nbytes // dt.itemsize
+        if count == 0:
+            arr = np.empty(info.shape, dtype=dt)
+            arr.setflags(write=False)
+            return arr
+        arr = np.frombuffer(self._buffer, dtype=dt, count=count, offset=self._base + info.begin)
+        arr = arr.reshape(info.shape)
+        if not arr.flags.aligned:  # a foreign writer may misalign; the C++ core needs alignment
+            arr = arr.copy()
+        arr.setflags(write=False)
+        return arr
+
+    def raw(self, name: str) -> np.ndarray:
+        """The bytes of tensor ``name`` as a read-only uint8 view (any dtype, even 8-bit floats)."""
+        info = self.tensors[name]
+        if self._buffer is None:
+            raise RuntimeError("opened with header_only=True")
+        if info.nbytes == 0:
+            arr = np.empty(0, dtype=np.uint8)
+        else:
+            arr = np.frombuffer(self._buffer, dtype=np.uint8, count=info.nbytes,
+                                offset=self._base + info.begin)
+        arr.setflags(write=False)
+        return arr
+
+
+def _st_dtype(arr: np.ndarray, declared: str | None) -> str:
+    if declared is not None:
+        return declared
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    try:
+        return _NUMPY_TO_ST[np.dtype(dt)]
+    except KeyError:
+        raise TypeError(f"cannot store dtype {arr.dtype} in safetensors") from None
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, np.ndarray, str | None]],
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write tensors to ``path`` atomically (temporary file in the same directory + rename).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    tensors : iterable of (name, array, dtype_name_or_None) or (name, array, dtype_name, shape)
+        ``dtype_name`` overrides the stored dtype name (e.g. ``"BF16"`` for raw uint16 data);
+        with a ``shape`` the array is raw bytes of that shape and dtype. Tensors are laid out
+        widest dtype first, so every tensor is aligned to its itemsize.
+    metadata : mapping of str to str, optional
+
+    Returns
+    -------
+    int
+        The size of the file written.
+    """
+    items = []
+    for entry in tensors:
+        name, arr, declared = entry[:3]
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        arr = np.asarray(arr)
+        st = _st_dtype(arr, declared)
+        shape = tuple(int(d) for d in (entry[3] if len(entry) > 3 else arr.shape))
+        size = itemsize_of(st)
+        if size is None or int(np.prod(shape, dtype=object)) * size != arr.nbytes:
+            raise ValueError(f"tensor {name!r}: {arr.nbytes} bytes do not make {st} {shape}")
+        items.append((name, arr, st, shape, size))
+    names = [t[0] for t in items]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names")
+    items.sort(key=lambda t: (-t[4], t[0]))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    for name, arr, st, shape, _ in items:
+        header[name] = {"dtype": st, "shape": list(shape),
+                        "data_offsets": [pos, pos + arr.nbytes]}
+        pos += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".qlora-", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for item in items:
+                for chunk in _chunks(item[1]):
+                    f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return 8 + len(blob) + pos
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _chunks(arr: np.ndarray, chunk: int = 1 << 24) -> Iterator[memoryview]:
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    for i in range(0, flat.size, chunk):
+        yield memoryview(flat[i:i + chunk])
