@@ -110,6 +110,14 @@ class GroupCursor {
       *s = group_scale(*w_, g_);
       return true;
     }
+    fill_mixed(c0, c_end, sc);
+    return false;
+  }
+
+ private:
+  // Out of line so the rare per-column case does not cost the hot loops registers.
+  __attribute__((noinline)) void fill_mixed(int64_t c0, int64_t c_end, float* sc) const {
+    const int64_t gs = w_->group_size;
     int64_t g = g_, next = next_;
     float cur = group_scale(*w_, g);
     for (int64_t c = c0; c < c_end; ++c) {
@@ -123,10 +131,8 @@ class GroupCursor {
       sc[c - c0] = cur;
     }
     for (int64_t c = c_end; c < c0 + kBlockCols; ++c) sc[c - c0] = 0.0f;
-    return false;
   }
 
- private:
   const Nf4Weight* w_ = nullptr;
   int64_t g_ = 0;
   int64_t next_ = 0;  // first column (relative to the row) of group g_ + 1
@@ -141,8 +147,10 @@ inline void dequant_block(const Lut& t, const uint8_t* src, GroupCursor& cursor,
   alignas(16) float sc[kBlockCols];
   if (cursor.block(c0, c_end, &s, sc)) {
     const float32x4_t sv = vdupq_n_f32(s);
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) v[j] = vmulq_f32(v[j], sv);
   } else {
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) v[j] = vmulq_f32(v[j], vld1q_f32(sc + 4 * j));
   }
 }
@@ -283,33 +291,40 @@ inline float epilogue(const ForwardArgs& p, int64_t b, int64_t o, float dot) {
   return acc;
 }
 
-// Batch 1: R rows of W decoded block by block in registers against one x. Each row keeps four
-// accumulators (vector j of a block goes to accumulator j % 4), the same for every R, so a row's
-// result does not depend on which rows it was decoded with.
+// Batch 1: R rows of W decoded block by block in registers against one x. Each row keeps two
+// accumulators (vector j of a block goes to accumulator j % 2), the same for every R, so a row's
+// result does not depend on which rows it was decoded with. Four rows give eight independent
+// FMA chains, enough to cover the FMA latency, and with x (8 vectors), the tables (4) and one
+// row's block (8) they fit the 32 vector registers.
 template <int R>
 void gemv_rows(const ForwardArgs& p, const Lut& t, const float* xpad, int64_t o0, float* dots) {
   const int64_t in = p.w.in_features;
   const int64_t row_bytes = packed_row_bytes(in);
   const int64_t blocks = blocks_per_row(in);
-  float32x4_t acc[R][4];
+  float32x4_t acc[R][2];
   GroupCursor cursor[R];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_f32(0.0f);
+    acc[r][0] = vdupq_n_f32(0.0f);
+    acc[r][1] = vdupq_n_f32(0.0f);
     cursor[r].reset(p.w, o0 + r);
   }
+  const uint8_t* codes = p.w.codes + o0 * row_bytes;
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t c0 = blk * kBlockCols, c_end = std::min(c0 + kBlockCols, in);
     float32x4_t xv[8];
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) xv[j] = vld1q_f32(xpad + c0 + 4 * j);
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       float32x4_t v[8];
-      dequant_block(t, p.w.codes + (o0 + r) * row_bytes + blk * kBlockBytes, cursor[r], c0, c_end, v);
-      for (int j = 0; j < 8; ++j) acc[r][j & 3] = vfmaq_f32(acc[r][j & 3], xv[j], v[j]);
+      dequant_block(t, codes + r * row_bytes + blk * kBlockBytes, cursor[r], c0, c_end, v);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[r][j & 1] = vfmaq_f32(acc[r][j & 1], xv[j], v[j]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    dots[r] = vaddvq_f32(vaddq_f32(vaddq_f32(acc[r][0], acc[r][1]), vaddq_f32(acc[r][2], acc[r][3])));
-  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) dots[r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
 }
 
 void forward_gemv(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
@@ -375,6 +390,7 @@ void decode_panel(const ForwardArgs& p, const Lut& t, int64_t o0, int rows, Grou
 
 template <int L, int MR>
 inline void fma_lane(float32x4_t (&c)[MR][2], float32x4_t w0, float32x4_t w1, const float32x4_t (&xv)[MR]) {
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     c[m][0] = vfmaq_laneq_f32(c[m][0], w0, xv[m], L);
     c[m][1] = vfmaq_laneq_f32(c[m][1], w1, xv[m], L);
@@ -387,6 +403,7 @@ inline void fma_lane(float32x4_t (&c)[MR][2], float32x4_t w0, float32x4_t w1, co
 template <int MR>
 void microkernel(const float* x, int64_t ldx, const float* panel, int64_t klen, float* acc) {
   float32x4_t c[MR][2];
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     c[m][0] = vld1q_f32(acc + m * kTileRows);
     c[m][1] = vld1q_f32(acc + m * kTileRows + 4);
@@ -394,6 +411,7 @@ void microkernel(const float* x, int64_t ldx, const float* panel, int64_t klen, 
   int64_t k = 0;
   for (; k + 4 <= klen; k += 4) {
     float32x4_t xv[MR];
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) xv[m] = vld1q_f32(x + m * ldx + k);
     const float* pk = panel + k * kTileRows;
     fma_lane<0, MR>(c, vld1q_f32(pk), vld1q_f32(pk + 4), xv);
