@@ -138,9 +138,45 @@ class GroupCursor {
   int64_t next_ = 0;  // first column (relative to the row) of group g_ + 1
 };
 
+// The common case, in_features and group_size both multiples of 32 (e.g. 4096 and 64): every
+// block lies inside one group, and the group advances every group_size / 32 blocks, so the hot
+// loops need neither divisions nor the per-column path (whose call would cost them registers).
+// Blocks must be visited in order, each exactly once.
+class AlignedCursor {
+ public:
+  static bool applies(const Nf4Weight& w) {
+    return w.in_features % kBlockCols == 0 && w.group_size % kBlockCols == 0;
+  }
+
+  void reset(const Nf4Weight& w, int64_t row) {
+    w_ = &w;
+    const int64_t flat = row * w.in_features;
+    g_ = flat / w.group_size;
+    per_group_ = w.group_size / kBlockCols;
+    left_ = (w.group_size - flat % w.group_size) / kBlockCols;
+  }
+
+  bool block(int64_t, int64_t, float* s, float*) {
+    if (left_ == 0) {
+      ++g_;
+      left_ = per_group_;
+    }
+    --left_;
+    *s = group_scale(*w_, g_);
+    return true;
+  }
+
+ private:
+  const Nf4Weight* w_ = nullptr;
+  int64_t g_ = 0;
+  int64_t per_group_ = 1;
+  int64_t left_ = 0;  // blocks of group g_ still to come in this row
+};
+
 // Dequantized values (codebook value times scale, one float32 multiply as in the scalar
 // specification) of the block of row `cursor` starting at column c0.
-inline void dequant_block(const Lut& t, const uint8_t* src, GroupCursor& cursor, int64_t c0,
+template <class Cursor>
+inline void dequant_block(const Lut& t, const uint8_t* src, Cursor& cursor, int64_t c0,
                           int64_t c_end, float32x4_t* v) {
   decode_block(t, src, v);
   float s = 0.0f;
@@ -249,12 +285,13 @@ void quantize_rows(const float* w, int64_t in_features, int64_t n_total, int64_t
   }
 }
 
-void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, float* out) {
+template <class Cursor>
+void dequantize_rows_with(const Nf4Weight& w, int64_t row_begin, int64_t row_end, float* out) {
   const int64_t in = w.in_features;
   const int64_t row_bytes = packed_row_bytes(in);
   const int64_t blocks = blocks_per_row(in);
   const Lut t = load_lut();
-  GroupCursor cursor;
+  Cursor cursor;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* src = w.codes + r * row_bytes;
     float* dst = out + (r - row_begin) * in;
@@ -271,6 +308,14 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
         std::memcpy(dst + c0, tmp, static_cast<size_t>(c_end - c0) * sizeof(float));
       }
     }
+  }
+}
+
+void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, float* out) {
+  if (AlignedCursor::applies(w)) {
+    dequantize_rows_with<AlignedCursor>(w, row_begin, row_end, out);
+  } else {
+    dequantize_rows_with<GroupCursor>(w, row_begin, row_end, out);
   }
 }
 
@@ -296,13 +341,13 @@ inline float epilogue(const ForwardArgs& p, int64_t b, int64_t o, float dot) {
 // result does not depend on which rows it was decoded with. Four rows give eight independent
 // FMA chains, enough to cover the FMA latency, and with x (8 vectors), the tables (4) and one
 // row's block (8) they fit the 32 vector registers.
-template <int R>
+template <int R, class Cursor>
 void gemv_rows(const ForwardArgs& p, const Lut& t, const float* xpad, int64_t o0, float* dots) {
   const int64_t in = p.w.in_features;
   const int64_t row_bytes = packed_row_bytes(in);
   const int64_t blocks = blocks_per_row(in);
   float32x4_t acc[R][2];
-  GroupCursor cursor[R];
+  Cursor cursor[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     acc[r][0] = vdupq_n_f32(0.0f);
@@ -327,6 +372,20 @@ void gemv_rows(const ForwardArgs& p, const Lut& t, const float* xpad, int64_t o0
   for (int r = 0; r < R; ++r) dots[r] = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
 }
 
+template <class Cursor>
+void gemv_range(const ForwardArgs& p, const Lut& t, const float* xpad, int64_t row_begin, int64_t row_end) {
+  float dots[kGemvRows];
+  int64_t o = row_begin;
+  for (; o + kGemvRows <= row_end; o += kGemvRows) {
+    gemv_rows<kGemvRows, Cursor>(p, t, xpad, o, dots);
+    for (int r = 0; r < kGemvRows; ++r) p.y[o + r] = epilogue(p, 0, o + r, dots[r]);
+  }
+  for (; o < row_end; ++o) {
+    gemv_rows<1, Cursor>(p, t, xpad, o, dots);
+    p.y[o] = epilogue(p, 0, o, dots[0]);
+  }
+}
+
 void forward_gemv(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   const int64_t in = p.w.in_features;
   // x padded with zeros to whole blocks: padding codes decode to 0.0, and 0 * 0 adds nothing,
@@ -335,15 +394,11 @@ void forward_gemv(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   xpad.assign(static_cast<size_t>(blocks_per_row(in) * kBlockCols), 0.0f);
   std::memcpy(xpad.data(), p.x, static_cast<size_t>(in) * sizeof(float));
   const Lut t = load_lut();
-  float dots[kGemvRows];
-  int64_t o = row_begin;
-  for (; o + kGemvRows <= row_end; o += kGemvRows) {
-    gemv_rows<kGemvRows>(p, t, xpad.data(), o, dots);
-    for (int r = 0; r < kGemvRows; ++r) p.y[o + r] = epilogue(p, 0, o + r, dots[r]);
-  }
-  for (; o < row_end; ++o) {
-    gemv_rows<1>(p, t, xpad.data(), o, dots);
-    p.y[o] = epilogue(p, 0, o, dots[0]);
+  // Both cursors give each column the same scale, so the choice changes speed, not results.
+  if (AlignedCursor::applies(p.w)) {
+    gemv_range<AlignedCursor>(p, t, xpad.data(), row_begin, row_end);
+  } else {
+    gemv_range<GroupCursor>(p, t, xpad.data(), row_begin, row_end);
   }
 }
 

@@ -203,8 +203,14 @@ TEST_CASE("every ISA quantizes codebook values and exact midpoints like scalar")
 TEST_CASE("kernels give the same bits for any row split, with plain and double-quantized scales") {
   // The drivers hand forward_rows and dequantize_rows ranges that depend on the thread count;
   // here the kernels are called directly over uneven splits (multiples of row_block, as the
-  // drivers guarantee) and must match one call over all rows, for batch 1 and batch > 1.
-  const int64_t out = 45, in = 129, gs = 50, rank = 3;
+  // drivers guarantee) and must match one call over all rows, for batch 1 and batch > 1. The
+  // shapes cover groups that start mid-block and, with in_features and group_size multiples of
+  // 32, rows that start mid-group while every block stays inside one group.
+  const int64_t rank = 3;
+  auto shape = GENERATE(std::vector<int64_t>{45, 129, 50}, std::vector<int64_t>{21, 96, 64},
+                        std::vector<int64_t>{13, 64, 32}, std::vector<int64_t>{9, 256, 128});
+  const int64_t out = shape[0], in = shape[1], gs = shape[2];
+  INFO("out " << out << " in " << in << " gs " << gs);
   const int64_t n = out * in, groups = (n + gs - 1) / gs;
   const auto w = qlora_test::normal_vector(static_cast<size_t>(n), 21);
   std::vector<uint8_t> codes(static_cast<size_t>(packed_bytes(out, in)));
