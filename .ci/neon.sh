@@ -29,15 +29,15 @@ cmake -S "$root" -B "$build_dir" "${generator[@]}" \
   -DQLORA_BUILD_TESTS=ON
 cmake --build "$build_dir" --parallel "$(nproc)"
 
-# The binary must really be aarch64, or the run below would prove nothing about NEON.
+# The binary must really be aarch64 (ELF e_machine 0xb7 at byte 18), or the run below would
+# prove nothing about NEON.
 test_bin="$build_dir/tests/cpp/qlora_cpp_tests"
-if ! file -L "$test_bin" 2>/dev/null | grep -q 'aarch64'; then
-  if command -v file >/dev/null; then
-    echo "neon.sh: $test_bin is not an aarch64 binary: $(file -L "$test_bin")" >&2
-    exit 1
-  fi
+machine="$(od -An -t x1 -j 18 -N 2 "$test_bin" | tr -d ' ')"
+if [ "$machine" != "b700" ]; then
+  echo "neon.sh: $test_bin is not an aarch64 executable (ELF e_machine bytes: $machine)" >&2
+  exit 1
 fi
 
-# The dispatch check ("active kernels are neon") is a Catch2 test inside qlora_cpp_tests, so a
-# build that silently fell back to scalar fails here.
+# ctest runs every test under qemu-aarch64, including qlora_cpp_dispatch_neon (the Catch2 case
+# asserting the dispatcher picks neon by itself), so a build that fell back to scalar fails here.
 (cd "$build_dir" && ctest --output-on-failure)
