@@ -416,7 +416,8 @@ inline void transpose4_store(float32x4_t a0, float32x4_t a1, float32x4_t a2, flo
 
 // Dequantizes columns [k0, k0 + klen) of rows [o0, o0 + rows) into panel[k * 8 + r], the layout
 // the microkernel reads with two vector loads per column. Rows past `rows` are zero.
-void decode_panel(const ForwardArgs& p, const Lut& t, int64_t o0, int rows, GroupCursor* cursor,
+template <class Cursor>
+void decode_panel(const ForwardArgs& p, const Lut& t, int64_t o0, int rows, Cursor* cursor,
                   int64_t k0, int64_t klen, float* panel) {
   const int64_t in = p.w.in_features;
   const int64_t row_bytes = packed_row_bytes(in);
@@ -489,7 +490,8 @@ void microkernel(const float* x, int64_t ldx, const float* panel, int64_t klen, 
 
 // Batch > 1: each tile of kTileRows rows of W is decoded once per panel of columns and reused by
 // every batch row (BLIS-style), so decoding costs O(out * in) however large the batch.
-void forward_gemm(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
+template <class Cursor>
+void forward_gemm_with(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   const int64_t in = p.w.in_features;
   const int64_t out = p.w.out_features;
   const int64_t batch = p.batch;
@@ -498,7 +500,7 @@ void forward_gemm(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   panel.resize(static_cast<size_t>(kPanelCols * kTileRows));
   acc.resize(static_cast<size_t>(batch * kTileRows));
   const Lut t = load_lut();
-  GroupCursor cursor[kTileRows];
+  Cursor cursor[kTileRows];
   for (int64_t o0 = row_begin; o0 < row_end; o0 += kTileRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kTileRows, row_end - o0));
     for (int r = 0; r < rows; ++r) cursor[r].reset(p.w, o0 + r);
@@ -525,6 +527,14 @@ void forward_gemm(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
         p.y[b * out + o0 + r] = epilogue(p, b, o0 + r, acc[static_cast<size_t>(b * kTileRows + r)]);
       }
     }
+  }
+}
+
+void forward_gemm(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
+  if (AlignedCursor::applies(p.w)) {
+    forward_gemm_with<AlignedCursor>(p, row_begin, row_end);
+  } else {
+    forward_gemm_with<GroupCursor>(p, row_begin, row_end);
   }
 }
 

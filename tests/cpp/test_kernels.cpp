@@ -205,10 +205,11 @@ TEST_CASE("kernels give the same bits for any row split, with plain and double-q
   // here the kernels are called directly over uneven splits (multiples of row_block, as the
   // drivers guarantee) and must match one call over all rows, for batch 1 and batch > 1. The
   // shapes cover groups that start mid-block and, with in_features and group_size multiples of
-  // 32, rows that start mid-group while every block stays inside one group.
+  // 32, rows that start mid-group while every block stays inside one group; 576 columns span
+  // several 256-column panels of the NEON GEMM.
   const int64_t rank = 3;
   auto shape = GENERATE(std::vector<int64_t>{45, 129, 50}, std::vector<int64_t>{21, 96, 64},
-                        std::vector<int64_t>{13, 64, 32}, std::vector<int64_t>{9, 256, 128});
+                        std::vector<int64_t>{13, 64, 32}, std::vector<int64_t>{9, 576, 128});
   const int64_t out = shape[0], in = shape[1], gs = shape[2];
   INFO("out " << out << " in " << in << " gs " << gs);
   const int64_t n = out * in, groups = (n + gs - 1) / gs;
