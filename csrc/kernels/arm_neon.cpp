@@ -174,7 +174,7 @@ class AlignedCursor {
 };
 
 // Dequantized values (codebook value times scale, one float32 multiply as in the scalar
-// specification) of the block of row `cursor` starting at column c0.
+// specification) of the block starting at column c0 of the row that `cursor` walks.
 template <class Cursor>
 inline void dequant_block(const Lut& t, const uint8_t* src, Cursor& cursor, int64_t c0,
                           int64_t c_end, float32x4_t* v) {
