@@ -166,3 +166,139 @@ TEST_CASE("forward of every ISA is within the float32 rounding bound of a float6
     }
   }
 }
+
+TEST_CASE("every ISA quantizes codebook values and exact midpoints like scalar") {
+  // Random weights almost never land on a midpoint, so the tie rule (lower code) would go
+  // untested. Each row ends in -1.0, so every group's absmax is 1.0 and w * (1 / absmax) is w.
+  IsaGuard guard;
+  std::vector<float> row;
+  std::vector<uint8_t> expected;
+  for (int i = 0; i < 16; ++i) {
+    row.push_back(kNf4Codebook[i]);
+    expected.push_back(static_cast<uint8_t>(i));
+  }
+  for (int i = 0; i < 15; ++i) {
+    const float mid = (kNf4Codebook[i] + kNf4Codebook[i + 1]) * 0.5f;
+    row.push_back(mid);
+    expected.push_back(static_cast<uint8_t>(i));
+    row.push_back(std::nextafter(mid, 2.0f));
+    expected.push_back(static_cast<uint8_t>(i + 1));
+  }
+  row.push_back(-1.0f);
+  expected.push_back(0);
+  const int64_t in = static_cast<int64_t>(row.size()), out = 3;
+  std::vector<float> w;
+  for (int64_t r = 0; r < out; ++r) w.insert(w.end(), row.begin(), row.end());
+  for (const KernelTable* t : qlora_test::runnable_tables()) {
+    INFO("isa " << t->name);
+    const Quantized q = quantize_with(t->name, w, out, in, in);
+    for (int64_t r = 0; r < out; ++r) {
+      REQUIRE(q.absmax[static_cast<size_t>(r)] == 1.0f);
+      for (int64_t c = 0; c < in; ++c)
+        REQUIRE(get_code(q.codes.data() + r * packed_row_bytes(in), c) == expected[static_cast<size_t>(c)]);
+    }
+  }
+}
+
+TEST_CASE("kernels give the same bits for any row split, with plain and double-quantized scales") {
+  // The drivers hand forward_rows and dequantize_rows ranges that depend on the thread count;
+  // here the kernels are called directly over uneven splits (multiples of row_block, as the
+  // drivers guarantee) and must match one call over all rows, for batch 1 and batch > 1. The
+  // shapes cover groups that start mid-block and, with in_features and group_size multiples of
+  // 32, rows that start mid-group while every block stays inside one group; 576 columns span
+  // several 256-column panels of the NEON GEMM.
+  const int64_t rank = 3;
+  auto shape = GENERATE(std::vector<int64_t>{45, 129, 50}, std::vector<int64_t>{21, 96, 64},
+                        std::vector<int64_t>{13, 64, 32}, std::vector<int64_t>{9, 576, 128});
+  const int64_t out = shape[0], in = shape[1], gs = shape[2];
+  INFO("out " << out << " in " << in << " gs " << gs);
+  const int64_t n = out * in, groups = (n + gs - 1) / gs;
+  const auto w = qlora_test::normal_vector(static_cast<size_t>(n), 21);
+  std::vector<uint8_t> codes(static_cast<size_t>(packed_bytes(out, in)));
+  std::vector<float> absmax(static_cast<size_t>(groups));
+  {
+    IsaGuard guard;
+    set_active_isa("scalar");
+    quantize_nf4(w.data(), out, in, gs, codes.data(), absmax.data());
+  }
+  std::vector<uint8_t> qscales(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) qscales[static_cast<size_t>(g)] = static_cast<uint8_t>((g * 37 + 11) % 256);
+  std::vector<float> nested_map(256), nested_scales(static_cast<size_t>((groups + kNestedBlock - 1) / kNestedBlock));
+  for (int i = 0; i < 256; ++i) nested_map[static_cast<size_t>(i)] = (static_cast<float>(i) - 127.0f) / 128.0f;
+  for (size_t i = 0; i < nested_scales.size(); ++i) nested_scales[i] = 0.3f + 0.1f * static_cast<float>(i);
+
+  Nf4Weight plain;
+  plain.codes = codes.data();
+  plain.scales = absmax.data();
+  plain.out_features = out;
+  plain.in_features = in;
+  plain.group_size = gs;
+  plain.num_groups = groups;
+  Nf4Weight nested = plain;
+  nested.scales = nullptr;
+  nested.qscales = qscales.data();
+  nested.nested_scales = nested_scales.data();
+  nested.nested_map = nested_map.data();
+  nested.nested_offset = 0.37f;
+
+  const KernelTable& scalar = kernels_by_name("scalar");
+  for (const Nf4Weight& wv : {plain, nested}) {
+    std::vector<float> deq(static_cast<size_t>(n));
+    scalar.dequantize_rows(wv, 0, out, deq.data());
+    for (const KernelTable* t : qlora_test::runnable_tables()) {
+      const int64_t rb = std::max<int64_t>(t->row_block, 1);
+      std::vector<int64_t> cuts = {0};
+      for (int64_t step = 1; cuts.back() < out; ++step) cuts.push_back(std::min(out, cuts.back() + step * rb));
+      INFO("isa " << t->name << (wv.scales != nullptr ? " plain" : " double-quantized") << " scales");
+      std::vector<float> deq_t(static_cast<size_t>(n));
+      for (size_t i = 0; i + 1 < cuts.size(); ++i)
+        t->dequantize_rows(wv, cuts[i], cuts[i + 1], deq_t.data() + cuts[i] * in);
+      REQUIRE(deq_t == deq);
+      for (int64_t batch : {1, 3, 11}) {
+        INFO("batch " << batch);
+        const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), 22);
+        const auto a = qlora_test::normal_vector(static_cast<size_t>(rank * in), 23, 0.1f);
+        const auto b = qlora_test::normal_vector(static_cast<size_t>(out * rank), 24, 0.1f);
+        const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 25);
+        std::vector<float> xa(static_cast<size_t>(batch * rank));
+        t->lora_down(x.data(), in, a.data(), rank, 0, batch, xa.data());
+        ForwardArgs p;
+        p.w = wv;
+        p.x = x.data();
+        p.batch = batch;
+        p.xa = xa.data();
+        p.lora_b = b.data();
+        p.rank = rank;
+        p.scaling = 0.5f;
+        p.bias = bias.data();
+        std::vector<float> y_whole(static_cast<size_t>(batch * out)), y_split(y_whole.size());
+        p.y = y_whole.data();
+        t->forward_rows(p, 0, out);
+        p.y = y_split.data();
+        for (size_t i = 0; i + 1 < cuts.size(); ++i) t->forward_rows(p, cuts[i], cuts[i + 1]);
+        REQUIRE(y_split == y_whole);
+        const double eps = std::ldexp(1.0, -24);
+        for (int64_t bi = 0; bi < batch; ++bi) {
+          for (int64_t o = 0; o < out; ++o) {
+            double ref = bias[o], mag = std::fabs(bias[o]);
+            for (int64_t c = 0; c < in; ++c) {
+              ref += double(x[bi * in + c]) * deq[o * in + c];
+              mag += std::fabs(double(x[bi * in + c]) * deq[o * in + c]);
+            }
+            for (int64_t k = 0; k < rank; ++k) {
+              double xak = 0.0, xak_mag = 0.0;
+              for (int64_t c = 0; c < in; ++c) {
+                xak += double(x[bi * in + c]) * a[k * in + c];
+                xak_mag += std::fabs(double(x[bi * in + c]) * a[k * in + c]);
+              }
+              ref += 0.5 * xak * b[o * rank + k];
+              mag += 0.5 * xak_mag * std::fabs(b[o * rank + k]);
+            }
+            // The same bound as the forward test above.
+            REQUIRE(std::fabs(double(y_whole[bi * out + o]) - ref) <= double(in + rank + 4) * eps * mag * 1.01 + 1e-30);
+          }
+        }
+      }
+    }
+  }
+}
