@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_demo
+from . import _cli_bench, _cli_demo
 
 __all__ = ["main"]
 
-_COMMANDS = [_cli_demo]
+_COMMANDS = [_cli_demo, _cli_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
