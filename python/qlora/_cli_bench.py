@@ -11,6 +11,7 @@ practice only hits the scalar kernel at large batches. Nothing here asserts a sp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -83,10 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------- timing
 @dataclass
 class Budget:
-    min_reps: int = 5
-    min_time: float = 0.2
-    max_cell_time: float = 4.0  # stop repeating a slow cell after this, even below min_reps
-    max_call_seconds: float = 2.0
+    min_reps: int = 3
+    min_time: float = 0.25
+    max_cell_time: float = 1.5  # stop repeating a slow cell after this, even below min_reps
+    max_call_seconds: float = 1.0
+    floor_reps: int = 2  # timed calls a cell always gets, whatever its budget
+    warmup: bool = True
     # Pause before each method's warm-up. OpenBLAS' pthreads and libgomp's workers spin for tens
     # of milliseconds after a call; on a machine with as many threads as cores, the next library
     # then competes with them and a batch-8 call measured 5-30x slower (0.19 ms alone, 5.8 ms
@@ -98,7 +101,7 @@ def _measure(fn: Callable[[], object], budget: Budget) -> tuple[list[float], obj
     """Warm up once, then time calls until min_reps and min_time are both met (or the cell
     budget runs out, keeping at least 2 timed calls). Returns the call times and the last result."""
     time.sleep(budget.settle)
-    result = fn()
+    result = fn() if budget.warmup else None
     times: list[float] = []
     start = time.perf_counter()
     while True:
@@ -108,7 +111,7 @@ def _measure(fn: Callable[[], object], budget: Budget) -> tuple[list[float], obj
         elapsed = time.perf_counter() - start
         if len(times) >= budget.min_reps and elapsed >= budget.min_time:
             break
-        if elapsed >= budget.max_cell_time and len(times) >= 2:
+        if elapsed >= budget.max_cell_time and len(times) >= budget.floor_reps:
             break
     return times, result
 
@@ -217,7 +220,10 @@ def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa:
 
 
 def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], opt: Optional_,
-                   wanted: list[str], notes: dict[str, str]) -> list[Method]:
+                   wanted: list[str], notes: dict[str, str],
+                   bnb_q: tuple | None = None) -> list[Method]:
+    """The methods to time for weight `w`; `bnb_q` is bitsandbytes' (codes, QuantState) of `w`
+    when already quantized (the fused path converts a deep copy)."""
     out_f, in_f = w.shape
     nf4_bytes = 4 * out_f * in_f - layer.memory_saved_bytes()
     active = _core.active_isa()
@@ -252,10 +258,11 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
 
     bnb = opt.bnb
     if bnb is not None and ("bnb-fp32" in wanted or "bnb-fused" in wanted):
-        wt = torch.from_numpy(w)
+        if bnb_q is None:
+            bnb_q = bnb.functional.quantize_4bit(torch.from_numpy(w), blocksize=GROUP_SIZE,
+                                                 quant_type="nf4", compress_statistics=False)
         if "bnb-fp32" in wanted:
-            qw, state = bnb.functional.quantize_4bit(wt, blocksize=GROUP_SIZE, quant_type="nf4",
-                                                     compress_statistics=False)
+            qw, state = bnb_q
             bytes_ = qw.numel() * qw.element_size() + state.absmax.numel() * 4
 
             def prep_b32(b: int, qw=qw, state=state) -> Callable[[], np.ndarray]:
@@ -270,9 +277,8 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
             if reason:
                 notes.setdefault("bnb fused (bf16)", reason)
             else:
-                qw, state = bnb.functional.quantize_4bit(wt, blocksize=GROUP_SIZE,
-                                                         quant_type="nf4",
-                                                         compress_statistics=False)
+                # The conversion rewrites the QuantState in place: give it a copy.
+                qw, state = copy.deepcopy(bnb_q)
                 packed, pstate = bnb.functional._convert_weight_packed_for_cpu(qw, state)
                 bytes_ = packed.numel() + state.absmax.numel() * 2
 
@@ -298,6 +304,7 @@ class Cell:
     batch: int
     method: str
     median_ms: float | None
+    best_ms: float | None
     gflops: float | None
     weight_gbs: float | None
     vs_numpy: float | None
@@ -350,16 +357,20 @@ def _header(report: Report, out) -> None:
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        width = int(spec.split(".")[0] or 0)
+        return "-".rjust(width)
+    return format(v, spec)
 
 
 def _print_cells(cells: list[Cell], out) -> None:
-    print(f"{'batch':>5}  {'method':<22} {'median ms':>10} {'GFLOP/s':>9} {'wt GB/s':>8} "
-          f"{'vs numpy':>8} {'rel.diff':>8} {'reps':>4}  note", file=out)
+    print(f"{'batch':>5}  {'method':<22} {'median ms':>10} {'best ms':>9} {'GFLOP/s':>9} "
+          f"{'wt GB/s':>8} {'vs numpy':>8} {'rel.diff':>8} {'reps':>4}  note", file=out)
     for c in cells:
         ratio = "-" if c.vs_numpy is None else f"{c.vs_numpy:.2f}x"
         print(f"{c.batch:>5}  {c.method:<22} {_fmt(c.median_ms, '10.3f')} "
-              f"{_fmt(c.gflops, '9.1f')} {_fmt(c.weight_gbs, '8.2f')} {ratio:>8} "
+              f"{_fmt(c.best_ms, '9.3f')} {_fmt(c.gflops, '9.1f')} {_fmt(c.weight_gbs, '8.2f')} "
+              f"{ratio:>8} "
               f"{_fmt(c.rel_diff, '8.1e')} {c.reps:>4}  {c.note}", file=out)
 
 
@@ -370,8 +381,11 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
     w = rng.normal(0.0, 0.02, size=(out_f, in_f)).astype(np.float32)
 
     # Quantize: from_weight as users call it (validation, LoRA init and all).
-    q_budget = Budget(min_reps=2, min_time=budget.min_time, max_cell_time=budget.max_cell_time,
-                      settle=budget.settle)
+    # Every quantize call allocates fresh outputs, so a warm-up buys nothing; a slow one
+    # (seconds at these shapes for a scalar or Python quantizer) is timed once.
+    q_budget = Budget(min_reps=budget.min_reps, min_time=budget.min_time,
+                      max_cell_time=budget.max_cell_time, settle=budget.settle, floor_reps=1,
+                      warmup=False)
     times, layer = _measure(
         lambda: QLoraLinear.from_weight(w, rank=args.rank, alpha=2.0 * args.rank,
                                         group_size=GROUP_SIZE, seed=args.seed), q_budget)
@@ -387,7 +401,8 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
     report.quantize.append({"shape": shape, "op": f"qlora dequantize [{_core.active_isa()}]",
                             "median_ms": med * 1e3, "fp32_gbs": fp32_gb / med,
                             "reps": len(times)})
-    if opt.bnb is not None and "bnb-fp32" in wanted:
+    bnb_q = None
+    if opt.bnb is not None and ("bnb-fp32" in wanted or "bnb-fused" in wanted):
         torch, bnb = opt.torch, opt.bnb
         wt = torch.from_numpy(w)
         times, (qw, st) = _measure(lambda: bnb.functional.quantize_4bit(
@@ -401,11 +416,12 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
         report.quantize.append({"shape": shape, "op": "bnb dequantize_4bit nf4 (fp32)",
                                 "median_ms": med * 1e3, "fp32_gbs": fp32_gb / med,
                                 "reps": len(times)})
-        del qw, st, wt
+        bnb_q = (qw, st)
+        del wt
 
     xs = {b: rng.standard_normal((b, in_f)).astype(np.float32) for b in batches}
     notes: dict[str, str] = {}
-    methods = _build_methods(w, layer, xs, opt, wanted, notes)
+    methods = _build_methods(w, layer, xs, opt, wanted, notes, bnb_q)
     nf4_bytes = 4 * w.size - layer.memory_saved_bytes()
     print(f"\n== forward {shape} (out x in), rank {args.rank}, group {GROUP_SIZE}: fp32 weight "
           f"{w.nbytes / 2**20:.1f} MiB, nf4 {nf4_bytes / 2**20:.1f} MiB", file=out)
@@ -424,7 +440,7 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             if prev is not None and m.name != "numpy fp32":
                 predicted = prev[1] * b / prev[0]
                 if predicted > budget.max_call_seconds:
-                    row.append(Cell(shape, b, m.name, None, None, None, None, None, 0,
+                    row.append(Cell(shape, b, m.name, None, None, None, None, None, None, 0,
                                     f"skipped: ~{predicted:.1f} s/call predicted "
                                     f"(--max-call-seconds {budget.max_call_seconds:g})"))
                     continue
@@ -438,7 +454,7 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             note = m.note
             if len(times) < budget.min_reps:
                 note = (note + "; " if note else "") + f"slow: only {len(times)} timed calls"
-            row.append(Cell(shape, b, m.name, med * 1e3, flops / med / 1e9,
+            row.append(Cell(shape, b, m.name, med * 1e3, min(times) * 1e3, flops / med / 1e9,
                             m.weight_bytes / med / 1e9, None, None, len(times), note))
             ys[m.name] = y64
         for c in row:
@@ -568,7 +584,9 @@ def run(args: argparse.Namespace, out=None) -> int:
     if _core.active_isa() == "scalar" and "qlora-scalar" in wanted:
         report.notes.append("the active ISA is scalar, so qlora[scalar] is the qlora row "
                             "(measured once)")
-    report.notes.append("GFLOP/s counts 2*batch*out*in (the LoRA term's work is not counted); "
+    report.notes.append("best ms = fastest timed call (less sensitive to other processes than "
+                        "the median); GFLOP/s counts 2*batch*out*in (the LoRA term's work is "
+                        "not counted); "
                         "wt GB/s = weight bytes stored by that method / median time; "
                         "vs numpy = numpy ms / method ms (>1 faster); rel.diff = "
                         "||y - y_numpy|| / ||y_numpy|| (NF4 rounding gives ~0.1)")
