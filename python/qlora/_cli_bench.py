@@ -346,8 +346,8 @@ def _header(report: Report, out) -> None:
           f"bitsandbytes {m['bitsandbytes'] or '-'}", file=out)
     print(f"isa      active {m['active_isa']}; compiled {', '.join(m['compiled_isas'])}; "
           f"available {', '.join(m['available_isas'])}", file=out)
-    print(f"threads  {m['threads']} for every method (qlora.set_num_threads, threadpoolctl, "
-          f"torch.set_num_threads)", file=out)
+    print(f"threads  {m['threads']} for every method ({', '.join(m['thread_controls'])})",
+          file=out)
     if m["threadpools"]:
         for d in m["threadpools"]:
             extra = "".join(f" {k}={d[k]}" for k in ("threading_layer", "architecture") if d.get(k))
@@ -576,6 +576,9 @@ def run(args: argparse.Namespace, out=None) -> int:
         "compiled_isas": list(_core.compiled_isas()),
         "available_isas": list(_core.available_isas()),
         "threads": threads,
+        "thread_controls": ["qlora.set_num_threads"]
+        + (["threadpoolctl.threadpool_limits"] if limiter is not None else [])
+        + (["torch.set_num_threads"] if opt.torch is not None else []),
         "threadpools": _blas_info(),
         "rank": args.rank,
         "group_size": GROUP_SIZE,
