@@ -9,7 +9,8 @@
 # - Haswell (AVX2 + FMA, no AVX-512): dispatch must choose "avx2" when the avx2 table is
 #   compiled in, else "scalar". The expectation is computed natively from _core.compiled_isas().
 # Needs qemu-x86_64 >= 7.2 (TCG emulates AVX2/FMA from 7.2 on); installs nothing. CPython under
-# qemu-user is slow (~30 s per CPU here), so the subset is small.
+# qemu-user is slow (~30 s per CPU here), so the subset is small and tests/conftest.py (hypothesis
+# profiles, per-ISA fixtures the smoke test does not use) is not loaded.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -54,7 +55,7 @@ run_cpu() {
   echo "== qemu-x86_64 -cpu $cpu: expecting active_isa=$expect"
   # TCG prints one warning per CPUID feature it cannot emulate (pcid, hle, ...): not ours.
   env -u QLORA_FORCE_ISA QLORA_EXPECT_ISA="$expect" \
-    qemu-x86_64 -cpu "$cpu" "$PYTHON" -m pytest -p no:cacheprovider -q -s \
+    qemu-x86_64 -cpu "$cpu" "$PYTHON" -m pytest -p no:cacheprovider --noconftest -q -s \
     "$ROOT/tests/test_portability.py" 2> >(grep -v "TCG doesn't support requested feature" >&2) \
     || rc=$?
   if (( rc == 0 )); then
