@@ -15,6 +15,14 @@
 #include "qlora/ops.h"
 #include "qlora/thread_pool.h"
 
+// Formats the message only on failure: these checks run on every forward, and building their
+// strings eagerly (std::to_string and concatenations, dozens of allocations) was a large part
+// of the fixed cost of a small forward call.
+#define QLORA_REQUIRE(ok, msg)                   \
+  do {                                           \
+    if (!(ok)) throw std::invalid_argument(msg); \
+  } while (0)
+
 namespace py = pybind11;
 
 namespace {
@@ -22,18 +30,14 @@ namespace {
 using F32 = py::array_t<float, py::array::c_style>;
 using U8 = py::array_t<uint8_t, py::array::c_style>;
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
 void require_size(const py::array& a, int64_t expected, const char* name) {
-  require(static_cast<int64_t>(a.size()) == expected,
-          std::string(name) + " must have " + std::to_string(expected) + " elements, got " +
-              std::to_string(a.size()));
+  QLORA_REQUIRE(static_cast<int64_t>(a.size()) == expected,
+                std::string(name) + " must have " + std::to_string(expected) + " elements, got " +
+                    std::to_string(a.size()));
 }
 
 void require_writable(const py::array& a, const char* name) {
-  require(a.writeable(), std::string(name) + " must be writable");
+  QLORA_REQUIRE(a.writeable(), std::string(name) + " must be writable");
 }
 
 // An immutable quantized weight: the arrays it was built from stay referenced here, so a
@@ -52,14 +56,14 @@ class Nf4Tensor {
     require_size(codes_, qlora::packed_bytes(out_features, in_features), "codes");
     w_.codes = codes_.data();
     if (scales) {
-      require(!qscales && !nested_scales && !nested_map,
-              "give either scales or the double-quantized scales, not both");
+      QLORA_REQUIRE(!qscales && !nested_scales && !nested_map,
+                    "give either scales or the double-quantized scales, not both");
       scales_ = *scales;
       require_size(scales_, w_.num_groups, "scales");
       w_.scales = scales_.data();
     } else {
-      require(qscales && nested_scales && nested_map,
-              "double-quantized scales need qscales, nested_scales and nested_map");
+      QLORA_REQUIRE(qscales && nested_scales && nested_map,
+                    "double-quantized scales need qscales, nested_scales and nested_map");
       qscales_ = *qscales;
       nested_scales_ = *nested_scales;
       nested_map_ = *nested_map;
@@ -88,7 +92,7 @@ class Nf4Tensor {
 };
 
 void quantize(const F32& w, int64_t group_size, U8& codes, F32& absmax) {
-  require(w.ndim() == 2, "weight must be 2-D, got " + std::to_string(w.ndim()) + "-D");
+  QLORA_REQUIRE(w.ndim() == 2, "weight must be 2-D, got " + std::to_string(w.ndim()) + "-D");
   const int64_t out = w.shape(0), in = w.shape(1);
   const int64_t n = qlora::checked_mul(out, in, "out_features * in_features");
   require_size(codes, qlora::packed_bytes(out, in), "codes");
@@ -112,19 +116,19 @@ void dequantize(const Nf4Tensor& t, F32& out) {
 
 void forward(const Nf4Tensor& t, const F32& x, const F32& a, const F32& b, float scaling,
              const std::optional<F32>& bias, F32& out) {
-  require(x.ndim() == 2 && x.shape(1) == t.in_features(),
-          "x must have shape (batch, " + std::to_string(t.in_features()) + ")");
+  QLORA_REQUIRE(x.ndim() == 2 && x.shape(1) == t.in_features(),
+                "x must have shape (batch, " + std::to_string(t.in_features()) + ")");
   const int64_t batch = x.shape(0);
-  require(a.ndim() == 2 && a.shape(1) == t.in_features(),
-          "lora_a must have shape (rank, " + std::to_string(t.in_features()) + ")");
+  QLORA_REQUIRE(a.ndim() == 2 && a.shape(1) == t.in_features(),
+                "lora_a must have shape (rank, " + std::to_string(t.in_features()) + ")");
   const int64_t rank = a.shape(0);
-  require(b.ndim() == 2 && b.shape(0) == t.out_features() && b.shape(1) == rank,
-          "lora_b must have shape (" + std::to_string(t.out_features()) + ", " +
-              std::to_string(rank) + ")");
+  QLORA_REQUIRE(b.ndim() == 2 && b.shape(0) == t.out_features() && b.shape(1) == rank,
+                "lora_b must have shape (" + std::to_string(t.out_features()) + ", " +
+                    std::to_string(rank) + ")");
   if (bias) require_size(*bias, t.out_features(), "bias");
-  require(out.ndim() == 2 && out.shape(0) == batch && out.shape(1) == t.out_features(),
-          "out must have shape (" + std::to_string(batch) + ", " +
-              std::to_string(t.out_features()) + ")");
+  QLORA_REQUIRE(out.ndim() == 2 && out.shape(0) == batch && out.shape(1) == t.out_features(),
+                "out must have shape (" + std::to_string(batch) + ", " +
+                    std::to_string(t.out_features()) + ")");
   require_writable(out, "out");
   const float* px = x.data();
   const float* pa = a.data();

@@ -11,15 +11,19 @@
 #include "qlora/dispatch.h"
 #include "qlora/thread_pool.h"
 
+// Formats the message only on failure: these checks run on every forward, and building their
+// strings eagerly (std::to_string and concatenations, dozens of allocations) was a large part
+// of the fixed cost of a small forward call.
+#define QLORA_REQUIRE(ok, msg)                   \
+  do {                                           \
+    if (!(ok)) throw std::invalid_argument(msg); \
+  } while (0)
+
 namespace qlora {
 namespace {
 
 // Below this many multiply-adds a call runs on the calling thread: waking workers costs more.
 constexpr int64_t kMinParallelWork = int64_t{1} << 17;
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
 
 // Tasks for `units` independent units of `work_per_unit` each, aligned to `align` units.
 int64_t chunk_units(int64_t units, int64_t work_per_unit, int64_t align) {
@@ -45,34 +49,36 @@ int64_t checked_mul(int64_t a, int64_t b, const char* what) {
 }
 
 int64_t group_count(int64_t n_total, int64_t group_size) {
-  require(group_size >= 1, "group_size must be >= 1, got " + std::to_string(group_size));
-  require(n_total >= 1, "the weight must have at least one element");
+  QLORA_REQUIRE(group_size >= 1, "group_size must be >= 1, got " + std::to_string(group_size));
+  QLORA_REQUIRE(n_total >= 1, "the weight must have at least one element");
   return (n_total - 1) / group_size + 1;
 }
 
 int64_t packed_bytes(int64_t out_features, int64_t in_features) {
-  require(out_features >= 1 && in_features >= 1,
-          "out_features and in_features must be >= 1, got (" + std::to_string(out_features) +
-              ", " + std::to_string(in_features) + ")");
+  QLORA_REQUIRE(out_features >= 1 && in_features >= 1,
+                "out_features and in_features must be >= 1, got (" + std::to_string(out_features) +
+                    ", " + std::to_string(in_features) + ")");
   return checked_mul(out_features, packed_row_bytes(in_features), "packed code size");
 }
 
 void validate_weight(const Nf4Weight& w) {
   const int64_t n = checked_mul(w.out_features, w.in_features, "out_features * in_features");
   packed_bytes(w.out_features, w.in_features);
-  require(w.num_groups == group_count(n, w.group_size),
-          "num_groups must be ceil(" + std::to_string(n) + " / " + std::to_string(w.group_size) +
-              ") = " + std::to_string(group_count(n, w.group_size)) + ", got " +
-              std::to_string(w.num_groups));
-  require(w.codes != nullptr, "codes must not be null");
+  QLORA_REQUIRE(w.num_groups == group_count(n, w.group_size),
+                "num_groups must be ceil(" + std::to_string(n) + " / " +
+                    std::to_string(w.group_size) +
+                    ") = " + std::to_string(group_count(n, w.group_size)) + ", got " +
+                    std::to_string(w.num_groups));
+  QLORA_REQUIRE(w.codes != nullptr, "codes must not be null");
   const bool plain = w.scales != nullptr;
   const bool nested = w.qscales != nullptr && w.nested_scales != nullptr && w.nested_map != nullptr;
-  require(plain != nested, "exactly one of scales or the double-quantized scales must be given");
+  QLORA_REQUIRE(plain != nested,
+                "exactly one of scales or the double-quantized scales must be given");
 }
 
 void quantize_nf4(const float* w, int64_t out_features, int64_t in_features, int64_t group_size,
                   uint8_t* codes, float* absmax) {
-  require(w != nullptr && codes != nullptr && absmax != nullptr, "quantize_nf4: null buffer");
+  QLORA_REQUIRE(w != nullptr && codes != nullptr && absmax != nullptr, "quantize_nf4: null buffer");
   const int64_t n = checked_mul(out_features, in_features, "out_features * in_features");
   packed_bytes(out_features, in_features);
   const int64_t groups = group_count(n, group_size);
@@ -93,7 +99,7 @@ void quantize_nf4(const float* w, int64_t out_features, int64_t in_features, int
 
 void dequantize_nf4(const Nf4Weight& w, float* out) {
   validate_weight(w);
-  require(out != nullptr, "dequantize_nf4: null output");
+  QLORA_REQUIRE(out != nullptr, "dequantize_nf4: null output");
   const KernelTable& k = active_kernels();
   const int64_t rper = chunk_units(w.out_features, w.in_features, 1);
   parallel_for((w.out_features + rper - 1) / rper, [&](int64_t t) {
@@ -105,11 +111,11 @@ void dequantize_nf4(const Nf4Weight& w, float* out) {
 void forward(const Nf4Weight& w, const float* x, int64_t batch, const float* a, const float* b,
              int64_t rank, float scaling, const float* bias, float* y) {
   validate_weight(w);
-  require(batch >= 0, "batch must be >= 0, got " + std::to_string(batch));
-  require(rank >= 0, "rank must be >= 0, got " + std::to_string(rank));
+  QLORA_REQUIRE(batch >= 0, "batch must be >= 0, got " + std::to_string(batch));
+  QLORA_REQUIRE(rank >= 0, "rank must be >= 0, got " + std::to_string(rank));
   if (batch == 0) return;
-  require(x != nullptr && y != nullptr, "forward: null x or y");
-  require(rank == 0 || (a != nullptr && b != nullptr), "forward: rank > 0 needs A and B");
+  QLORA_REQUIRE(x != nullptr && y != nullptr, "forward: null x or y");
+  QLORA_REQUIRE(rank == 0 || (a != nullptr && b != nullptr), "forward: rank > 0 needs A and B");
   checked_mul(batch, w.in_features, "batch * in_features");
   checked_mul(batch, w.out_features, "batch * out_features");
   const KernelTable& k = active_kernels();

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_demo, _cli_inspect, _cli_quantize
+from . import _cli_bench, _cli_demo, _cli_inspect, _cli_quantize
 
 __all__ = ["main"]
 
-_COMMANDS = [_cli_demo, _cli_quantize, _cli_inspect]
+_COMMANDS = [_cli_demo, _cli_bench, _cli_quantize, _cli_inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Side-by-side forward benchmark: the same code as ``qlora bench`` (python/qlora/_cli_bench.py).
+
+    python benchmarks/bench_forward.py --quick
+    python benchmarks/bench_forward.py --shape 4096x4096 --batch 1,32 --json out.json
+"""
+
+import sys
+
+from qlora._cli_bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
