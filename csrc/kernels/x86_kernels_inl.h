@@ -1,0 +1,313 @@
+// The x86 kernel bodies, written once over a 16-float vector type `F16` and included by
+// x86_avx2.cpp and x86_avx512.cpp inside their target regions and anonymous namespaces, so each
+// instruction set compiles its own internal-linkage copy (as Highway re-includes its -inl.h per
+// target) and no inline function is ever shared with a baseline translation unit. No include
+// guard on purpose: every ISA file includes it once. The including file provides F16 and its
+// operations (f_zero, f_set1, f_load, f_loadn, f_store, f_storen, f_fma, f_add, f_mul, f_div,
+// f_max, f_min, f_abs, f_reduce_add, f_reduce_max), Nf4Table with make_table(), decode_block(),
+// decode_half(), transpose16(), encode_block(), the tile constants kPanelUnits, kMaxMr and
+// kGemvRows, and the baseline helpers scratch() and imin().
+//
+// Shapes of the work: dequantization, quantization and batch-1 forward stream the packed rows
+// once (memory bound); a batch > 1 forward decodes a panel of kPanelRows rows by kKc columns
+// into a transposed fp32 scratch once and reuses it for every batch row through a
+// kMaxMr x kPanelRows register tile, so it runs at fp32 FMA throughput. Every output element is
+// one FMA chain over the columns in ascending order, whatever range or tile it falls in.
+
+// Columns of one GEMM panel: the decoded panel (kPanelRows x kKc floats) stays in L1 while the
+// batch tiles stream over it.
+constexpr int64_t kKc = 256;
+// Output rows per GEMM super-tile: the x columns of one K-chunk (batch x kKc floats, 256 KiB at
+// the largest batch chunk) stay in L2 while the super-tile's panels are decoded and used.
+constexpr int64_t kNc = 256;
+constexpr int kPanelRows = 16 * kPanelUnits;
+
+// Groups that never straddle a row or a 32-column block: the layout of every real model, and
+// the one where a scale can be applied once per group instead of once per element.
+bool aligned_groups(const Nf4Weight& w) {
+  return w.group_size % kBlockCols == 0 && w.in_features % w.group_size == 0;
+}
+
+// Scales of columns [c0, c0 + n) of row r, n <= 16; lanes past n are 0.
+F16 lane_scales(const Nf4Weight& w, int64_t r, int64_t c0, int n) {
+  const int64_t flat = r * w.in_features + c0;
+  const int64_t g0 = flat / w.group_size;
+  const int64_t g1 = (flat + n - 1) / w.group_size;
+  if (g0 == g1) return f_set1(group_scale(w, g0));
+  alignas(64) float s[16] = {};
+  for (int i = 0; i < n; ++i) s[i] = group_scale(w, (flat + i) / w.group_size);
+  return f_load(s);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  F16 acc[4] = {f_zero(), f_zero(), f_zero(), f_zero()};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    for (int j = 0; j < 4; ++j) acc[j] = f_fma(f_load(a + i + 16 * j), f_load(b + i + 16 * j), acc[j]);
+  }
+  for (; i < n; i += 16) {
+    const int m = static_cast<int>(imin(16, n - i));
+    acc[0] = f_fma(f_loadn(a + i, m), f_loadn(b + i, m), acc[0]);
+  }
+  return f_reduce_add(f_add(f_add(acc[0], acc[1]), f_add(acc[2], acc[3])));
+}
+
+void group_absmax(const float* w, int64_t n_total, int64_t group_size, int64_t g_begin,
+                  int64_t g_end, float* absmax) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t lo = g * group_size;
+    const int64_t hi = imin(lo + group_size, n_total);
+    F16 m = f_zero();
+    // abs(x) first: a NaN element then leaves m unchanged, as std::max(m, fabs(x)) does.
+    for (int64_t i = lo; i < hi; i += 16) m = f_max(f_abs(f_loadn(w + i, static_cast<int>(imin(16, hi - i)))), m);
+    absmax[g - g_begin] = f_reduce_max(m);
+  }
+}
+
+void quantize_rows(const float* w, int64_t in_features, int64_t n_total, int64_t group_size,
+                   const float* absmax, int64_t row_begin, int64_t row_end, uint8_t* codes) {
+  const int64_t row_bytes = packed_row_bytes(in_features);
+  const int64_t last_group = (n_total - 1) / group_size;
+  const bool last_partial = (n_total % group_size) != 0;
+  const F16 lo = f_set1(-1.0f), hi = f_set1(1.0f);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const float* src = w + r * in_features;
+    uint8_t* dst = codes + r * row_bytes;
+    for (int64_t blk = 0; blk * kBlockCols < in_features; ++blk) {
+      F16 v[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c0 = blk * kBlockCols + 16 * h;
+        const int n = static_cast<int>(imax(0, imin(16, in_features - c0)));
+        if (n == 0) {
+          v[h] = f_zero();  // padding: 0.0 is nearest to code 7
+          continue;
+        }
+        const int64_t flat = r * in_features + c0;
+        const int64_t g0 = flat / group_size;
+        const F16 x = f_loadn(src + c0, n);
+        if (g0 == (flat + n - 1) / group_size) {
+          const float m = fmaxf_(absmax[g0], kMinAbsmax);
+          v[h] = (g0 == last_group && last_partial) ? f_div(x, f_set1(m)) : f_mul(x, f_set1(1.0f / m));
+        } else {
+          alignas(64) float t[16] = {};
+          for (int i = 0; i < n; ++i) {
+            const int64_t g = (flat + i) / group_size;
+            const float m = fmaxf_(absmax[g], kMinAbsmax);
+            t[i] = (g == last_group && last_partial) ? src[c0 + i] / m : src[c0 + i] * (1.0f / m);
+          }
+          v[h] = f_load(t);
+        }
+        v[h] = f_min(f_max(v[h], lo), hi);
+      }
+      encode_block(v[0], v[1], dst + blk * kBlockBytes);
+    }
+  }
+}
+
+void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, float* out) {
+  const Nf4Table tab = make_table();
+  const int64_t in = w.in_features;
+  const int64_t row_bytes = packed_row_bytes(in);
+  const bool aligned = aligned_groups(w);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* src = w.codes + r * row_bytes;
+    float* dst = out + (r - row_begin) * in;
+    if (aligned) {
+      const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
+      for (int64_t g = 0; g < gpr; ++g) {
+        const F16 s = f_set1(group_scale(w, r * gpr + g));
+        for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
+          F16 d0, d1;
+          decode_block(tab, src + blk * kBlockBytes, d0, d1);
+          f_store(dst + blk * kBlockCols, f_mul(d0, s));
+          f_store(dst + blk * kBlockCols + 16, f_mul(d1, s));
+        }
+      }
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < in; c0 += 16) {
+      const int n = static_cast<int>(imin(16, in - c0));
+      const F16 d = decode_half(tab, src + (c0 / kBlockCols) * kBlockBytes, (c0 / 16) & 1);
+      f_storen(dst + c0, f_mul(d, lane_scales(w, r, c0, n)), n);
+    }
+  }
+}
+
+void lora_down(const float* x, int64_t in_features, const float* a, int64_t rank, int64_t b_begin,
+               int64_t b_end, float* xa) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    for (int64_t k = 0; k < rank; ++k) xa[b * rank + k] = dot(x + b * in_features, a + k * in_features, in_features);
+  }
+}
+
+// acc + scaling * (xa[b] . B[o]) + bias[o], in the scalar specification's order.
+float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
+  if (p.rank > 0) acc += p.scaling * dot(p.xa + b * p.rank, p.lora_b + o * p.rank, p.rank);
+  if (p.bias != nullptr) acc += p.bias[o];
+  return acc;
+}
+
+// Batch 1, aligned groups, R rows sharing each load of x. Each row keeps two per-group
+// accumulators (columns 0-15 and 16-31 of a block) and folds them into its total with one
+// multiply by the group's scale, so a row's arithmetic is the same for any R.
+template <int R>
+void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
+  const Nf4Weight& w = p.w;
+  const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
+  const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
+  const uint8_t* rows[R];
+  F16 acc[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = w.codes + (o + r) * row_bytes;
+    acc[r] = f_zero();
+  }
+  for (int64_t g = 0; g < gpr; ++g) {
+    F16 s0[R], s1[R];
+    for (int r = 0; r < R; ++r) s0[r] = s1[r] = f_zero();
+    for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
+      const F16 x0 = f_load(p.x + blk * kBlockCols);
+      const F16 x1 = f_load(p.x + blk * kBlockCols + 16);
+      for (int r = 0; r < R; ++r) {
+        F16 d0, d1;
+        decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
+        s0[r] = f_fma(x0, d0, s0[r]);
+        s1[r] = f_fma(x1, d1, s1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = f_fma(f_add(s0[r], s1[r]), f_set1(group_scale(w, (o + r) * gpr + g)), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) p.y[o + r] = finish(p, 0, o + r, f_reduce_add(acc[r]));
+}
+
+// Batch 1, any group layout: the row is dequantized exactly into scratch, then dotted with x.
+void gemv_general(const ForwardArgs& p, int64_t o, float* row) {
+  dequantize_rows(p.w, o, o + 1, row);
+  p.y[o] = finish(p, 0, o, dot(p.x, row, p.w.in_features));
+}
+
+// Rows [o0, o0 + nrows) x columns [k0, k1) of deq(W), transposed into
+// panel[(k - k0) * kPanelRows + row]; rows past nrows are zero. k0 is a multiple of 32.
+void decode_panel(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, int nrows, int64_t k0,
+                  int64_t k1, float* panel) {
+  const int64_t row_bytes = packed_row_bytes(w.in_features);
+  const bool aligned = aligned_groups(w);
+  const int64_t gpr = aligned ? w.in_features / w.group_size : 0;
+  for (int64_t kb = k0; kb < k1; kb += 16) {
+    const int n = static_cast<int>(imin(16, k1 - kb));
+    const int64_t byte = (kb / kBlockCols) * kBlockBytes;
+    const int half = static_cast<int>((kb / 16) & 1);
+    const int64_t gk = aligned ? kb / w.group_size : 0;
+    for (int u = 0; u < kPanelUnits; ++u) {
+      F16 t[16];
+      for (int i = 0; i < 16; ++i) {
+        const int row = u * 16 + i;
+        if (row >= nrows) {
+          t[i] = f_zero();
+          continue;
+        }
+        const int64_t r = o0 + row;
+        const F16 s = aligned ? f_set1(group_scale(w, r * gpr + gk)) : lane_scales(w, r, kb, n);
+        t[i] = f_mul(decode_half(tab, w.codes + r * row_bytes + byte, half), s);
+      }
+      transpose16(t);
+      for (int j = 0; j < n; ++j) f_store(panel + (kb - k0 + j) * kPanelRows + u * 16, t[j]);
+    }
+  }
+}
+
+// The register tile: MR batch rows x kPanelRows output rows, accumulating over one K-chunk into
+// y (the partial sums of earlier chunks are read back from y, exactly).
+template <int MR>
+void micro_tile(const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc, int64_t b0,
+                int64_t o0, int nrows, bool first, bool last, const float* bt) {
+  const int64_t in = p.w.in_features, out = p.w.out_features;
+  int nu[kPanelUnits];
+  for (int u = 0; u < kPanelUnits; ++u) nu[u] = static_cast<int>(imax(0, imin(16, nrows - 16 * u)));
+  F16 acc[MR][kPanelUnits];
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 0; u < kPanelUnits; ++u) {
+      acc[i][u] = (first || nu[u] == 0) ? f_zero() : f_loadn(p.y + (b0 + i) * out + o0 + 16 * u, nu[u]);
+    }
+  }
+  const float* xp = p.x + b0 * in + k0;
+  for (int64_t k = 0; k < kc; ++k) {
+    F16 wv[kPanelUnits];
+    for (int u = 0; u < kPanelUnits; ++u) wv[u] = f_load(panel + k * kPanelRows + 16 * u);
+    for (int i = 0; i < MR; ++i) {
+      const F16 xb = f_set1(xp[i * in + k]);
+      for (int u = 0; u < kPanelUnits; ++u) acc[i][u] = f_fma(wv[u], xb, acc[i][u]);
+    }
+  }
+  if (last) {
+    for (int i = 0; i < MR; ++i) {
+      if (p.rank > 0) {
+        F16 l[kPanelUnits];
+        for (int u = 0; u < kPanelUnits; ++u) l[u] = f_zero();
+        for (int64_t j = 0; j < p.rank; ++j) {
+          const F16 xa = f_set1(p.xa[(b0 + i) * p.rank + j]);
+          for (int u = 0; u < kPanelUnits; ++u) l[u] = f_fma(f_load(bt + j * kPanelRows + 16 * u), xa, l[u]);
+        }
+        const F16 sc = f_set1(p.scaling);
+        for (int u = 0; u < kPanelUnits; ++u) acc[i][u] = f_add(acc[i][u], f_mul(sc, l[u]));
+      }
+      if (p.bias != nullptr) {
+        for (int u = 0; u < kPanelUnits; ++u) {
+          if (nu[u] > 0) acc[i][u] = f_add(acc[i][u], f_loadn(p.bias + o0 + 16 * u, nu[u]));
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 0; u < kPanelUnits; ++u) {
+      if (nu[u] > 0) f_storen(p.y + (b0 + i) * out + o0 + 16 * u, acc[i][u], nu[u]);
+    }
+  }
+}
+
+template <int MR>
+void micro_tile_n(int mr, const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc, int64_t b0,
+                  int64_t o0, int nrows, bool first, bool last, const float* bt) {
+  if constexpr (MR > 0) {
+    if (mr == MR) return micro_tile<MR>(p, panel, k0, kc, b0, o0, nrows, first, last, bt);
+    micro_tile_n<MR - 1>(mr, p, panel, k0, kc, b0, o0, nrows, first, last, bt);
+  }
+}
+
+void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end) {
+  const int64_t in = p.w.in_features;
+  float* panel = scratch(0, static_cast<size_t>(kKc * kPanelRows));
+  float* bt = scratch(1, static_cast<size_t>(imax(p.rank, 1) * kPanelRows));
+  for (int64_t n0 = row_begin; n0 < row_end; n0 += kNc) {
+    const int64_t n1 = imin(row_end, n0 + kNc);
+    for (int64_t k0 = 0; k0 < in; k0 += kKc) {
+      const int64_t k1 = imin(in, k0 + kKc);
+      const bool first = k0 == 0, last = k1 == in;
+      for (int64_t o0 = n0; o0 < n1; o0 += kPanelRows) {
+        const int nrows = static_cast<int>(imin(kPanelRows, n1 - o0));
+        decode_panel(p.w, tab, o0, nrows, k0, k1, panel);
+        if (last && p.rank > 0) {
+          for (int64_t j = 0; j < p.rank; ++j) {
+            for (int i = 0; i < kPanelRows; ++i) bt[j * kPanelRows + i] = i < nrows ? p.lora_b[(o0 + i) * p.rank + j] : 0.0f;
+          }
+        }
+        for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxMr) {
+          const int mr = static_cast<int>(imin(kMaxMr, p.batch - b0));
+          micro_tile_n<kMaxMr>(mr, p, panel, k0, k1 - k0, b0, o0, nrows, first, last, bt);
+        }
+      }
+    }
+  }
+}
+
+void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
+  const Nf4Table tab = make_table();
+  if (p.batch != 1) return gemm(p, tab, row_begin, row_end);
+  if (aligned_groups(p.w)) {
+    int64_t o = row_begin;
+    for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_aligned<kGemvRows>(p, tab, o);
+    for (; o < row_end; ++o) gemv_aligned<1>(p, tab, o);
+    return;
+  }
+  float* row = scratch(0, static_cast<size_t>(p.w.in_features));
+  for (int64_t o = row_begin; o < row_end; ++o) gemv_general(p, o, row);
+}
