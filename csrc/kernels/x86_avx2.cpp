@@ -20,7 +20,7 @@ namespace {
 // Baseline helpers, outside the target region: a library template instantiated inside it could
 // be merged by the linker with the baseline instantiation of another file.
 float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& b = buffers[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
@@ -139,6 +139,17 @@ QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half
     i1 = _mm256_srli_epi32(i1, 4);
   }
   return {lookup(tab, i0), lookup(tab, i1)};
+}
+
+// The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).
+template <int S>
+QLORA_VEC_INLINE F16 lookup_bits(const Nf4Table& tab, F16 bits) {
+  __m256i a = _mm256_castps_si256(bits.a), b = _mm256_castps_si256(bits.b);
+  if constexpr (S != 0) {
+    a = _mm256_srli_epi32(a, S);
+    b = _mm256_srli_epi32(b, S);
+  }
+  return {lookup(tab, a), lookup(tab, b)};
 }
 
 // Count of midpoints strictly below v: each true compare is all ones, i.e. -1.

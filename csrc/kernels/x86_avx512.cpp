@@ -20,7 +20,7 @@ namespace {
 // Baseline helpers, outside the target region: a library template instantiated inside it could
 // be merged by the linker with the baseline instantiation of another file.
 float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& b = buffers[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
@@ -99,6 +99,14 @@ QLORA_VEC_INLINE void decode_block(const Nf4Table& tab, const uint8_t* p, F16& d
 QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half) {
   __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   if (half != 0) i = _mm512_srli_epi32(i, 4);
+  return {_mm512_permutexvar_ps(i, tab.t)};
+}
+
+// The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).
+template <int S>
+QLORA_VEC_INLINE F16 lookup_bits(const Nf4Table& tab, F16 bits) {
+  __m512i i = _mm512_castps_si512(bits.v);
+  if constexpr (S != 0) i = _mm512_srli_epi32(i, S);
   return {_mm512_permutexvar_ps(i, tab.t)};
 }
 

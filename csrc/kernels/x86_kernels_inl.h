@@ -17,9 +17,6 @@
 // Columns of one GEMM panel: the decoded panel (kPanelRows x kKc floats) stays in L1 while the
 // batch tiles stream over it.
 constexpr int64_t kKc = 256;
-// Output rows per GEMM super-tile: the x columns of one K-chunk (batch x kKc floats, 256 KiB at
-// the largest batch chunk) stay in L2 while the super-tile's panels are decoded and used.
-constexpr int64_t kNc = 256;
 constexpr int kPanelRows = 16 * kPanelUnits;
 
 // Groups that never straddle a row or a 32-column block: the layout of every real model, and
@@ -215,12 +212,65 @@ void decode_panel(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, int nrows
   }
 }
 
+// decode_panel() for aligned groups, transposing codes instead of floats: the packed bytes of
+// 16 rows x 4 blocks are loaded as 16 x 16 32-bit lanes and transposed once, after which lane i
+// of vector 4 * blk + d holds bytes 4d..4d+3 of row i's block blk, so every column of the panel
+// is one shift and one table lookup away, and each row's scale is one lane of a vector.
+void decode_panel_aligned(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, int nrows, int64_t k0,
+                          int64_t k1, float* panel) {
+  const int64_t row_bytes = packed_row_bytes(w.in_features);
+  const int64_t gpr = w.in_features / w.group_size;
+  for (int u = 0; u < kPanelUnits; ++u) {
+    alignas(64) float s[16];
+    int64_t scale_group = -1;
+    F16 scale = f_zero();
+    for (int64_t kb = k0; kb < k1; kb += 4 * kBlockCols) {
+      const int nb = static_cast<int>(imin(4, (k1 - kb) / kBlockCols));
+      const int64_t byte = (kb / kBlockCols) * kBlockBytes;
+      F16 t[16];
+      for (int i = 0; i < 16; ++i) {
+        const int row = u * 16 + i;
+        const float* src = reinterpret_cast<const float*>(w.codes + (o0 + row) * row_bytes + byte);
+        t[i] = row >= nrows ? f_zero() : nb == 4 ? f_load(src) : f_loadn(src, 4 * nb);
+      }
+      transpose16(t);
+      for (int blk = 0; blk < nb; ++blk) {
+        const int64_t c = kb + blk * kBlockCols;
+        const int64_t g = c / w.group_size;
+        if (g != scale_group) {
+          // Rows past nrows get scale 0, so their (absent) codes decode to 0.
+          for (int i = 0; i < 16; ++i) {
+            const int row = u * 16 + i;
+            s[i] = row < nrows ? group_scale(w, (o0 + row) * gpr + g) : 0.0f;
+          }
+          scale = f_load(s);
+          scale_group = g;
+        }
+        float* dst = panel + (c - k0) * kPanelRows + u * 16;
+        for (int d = 0; d < 4; ++d) {
+          const F16 v = t[4 * blk + d];
+          float* col = dst + 4 * d * kPanelRows;
+          f_store(col + 0 * kPanelRows, f_mul(lookup_bits<0>(tab, v), scale));
+          f_store(col + 1 * kPanelRows, f_mul(lookup_bits<8>(tab, v), scale));
+          f_store(col + 2 * kPanelRows, f_mul(lookup_bits<16>(tab, v), scale));
+          f_store(col + 3 * kPanelRows, f_mul(lookup_bits<24>(tab, v), scale));
+          f_store(col + 16 * kPanelRows, f_mul(lookup_bits<4>(tab, v), scale));
+          f_store(col + 17 * kPanelRows, f_mul(lookup_bits<12>(tab, v), scale));
+          f_store(col + 18 * kPanelRows, f_mul(lookup_bits<20>(tab, v), scale));
+          f_store(col + 19 * kPanelRows, f_mul(lookup_bits<28>(tab, v), scale));
+        }
+      }
+    }
+  }
+}
+
 // The register tile: MR batch rows x kPanelRows output rows, accumulating over one K-chunk into
-// y (the partial sums of earlier chunks are read back from y, exactly).
+// y (the partial sums of earlier chunks are read back from y, exactly). xp holds the tile's x
+// columns packed k-major (xp[k * kMaxMr + i]), so each step broadcasts from one cache line.
 template <int MR>
-void micro_tile(const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc, int64_t b0,
+void micro_tile(const ForwardArgs& p, const float* panel, const float* xp, int64_t kc, int64_t b0,
                 int64_t o0, int nrows, bool first, bool last, const float* bt) {
-  const int64_t in = p.w.in_features, out = p.w.out_features;
+  const int64_t out = p.w.out_features;
   int nu[kPanelUnits];
   for (int u = 0; u < kPanelUnits; ++u) nu[u] = static_cast<int>(imax(0, imin(16, nrows - 16 * u)));
   F16 acc[MR][kPanelUnits];
@@ -229,12 +279,11 @@ void micro_tile(const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc
       acc[i][u] = (first || nu[u] == 0) ? f_zero() : f_loadn(p.y + (b0 + i) * out + o0 + 16 * u, nu[u]);
     }
   }
-  const float* xp = p.x + b0 * in + k0;
   for (int64_t k = 0; k < kc; ++k) {
     F16 wv[kPanelUnits];
     for (int u = 0; u < kPanelUnits; ++u) wv[u] = f_load(panel + k * kPanelRows + 16 * u);
     for (int i = 0; i < MR; ++i) {
-      const F16 xb = f_set1(xp[i * in + k]);
+      const F16 xb = f_set1(xp[k * kMaxMr + i]);
       for (int u = 0; u < kPanelUnits; ++u) acc[i][u] = f_fma(wv[u], xb, acc[i][u]);
     }
   }
@@ -265,35 +314,47 @@ void micro_tile(const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc
 }
 
 template <int MR>
-void micro_tile_n(int mr, const ForwardArgs& p, const float* panel, int64_t k0, int64_t kc, int64_t b0,
+void micro_tile_n(int mr, const ForwardArgs& p, const float* panel, const float* xp, int64_t kc, int64_t b0,
                   int64_t o0, int nrows, bool first, bool last, const float* bt) {
   if constexpr (MR > 0) {
-    if (mr == MR) return micro_tile<MR>(p, panel, k0, kc, b0, o0, nrows, first, last, bt);
-    micro_tile_n<MR - 1>(mr, p, panel, k0, kc, b0, o0, nrows, first, last, bt);
+    if (mr == MR) return micro_tile<MR>(p, panel, xp, kc, b0, o0, nrows, first, last, bt);
+    micro_tile_n<MR - 1>(mr, p, panel, xp, kc, b0, o0, nrows, first, last, bt);
   }
 }
 
+// K-chunks outermost: the packed x columns of a chunk (at most 256 x kKc floats) are made once
+// and stay in L2 while every panel of the row range is decoded and multiplied; y carries the
+// partial sums between chunks.
 void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end) {
   const int64_t in = p.w.in_features;
+  const int64_t tiles = (p.batch + kMaxMr - 1) / kMaxMr;
+  const bool aligned = aligned_groups(p.w);
   float* panel = scratch(0, static_cast<size_t>(kKc * kPanelRows));
   float* bt = scratch(1, static_cast<size_t>(imax(p.rank, 1) * kPanelRows));
-  for (int64_t n0 = row_begin; n0 < row_end; n0 += kNc) {
-    const int64_t n1 = imin(row_end, n0 + kNc);
-    for (int64_t k0 = 0; k0 < in; k0 += kKc) {
-      const int64_t k1 = imin(in, k0 + kKc);
-      const bool first = k0 == 0, last = k1 == in;
-      for (int64_t o0 = n0; o0 < n1; o0 += kPanelRows) {
-        const int nrows = static_cast<int>(imin(kPanelRows, n1 - o0));
+  float* xpack = scratch(2, static_cast<size_t>(tiles * kMaxMr * kKc));
+  for (int64_t k0 = 0; k0 < in; k0 += kKc) {
+    const int64_t k1 = imin(in, k0 + kKc), kc = k1 - k0;
+    const bool first = k0 == 0, last = k1 == in;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      float* dst = xpack + (b / kMaxMr) * kMaxMr * kc + (b % kMaxMr);
+      const float* src = p.x + b * in + k0;
+      for (int64_t k = 0; k < kc; ++k) dst[k * kMaxMr] = src[k];
+    }
+    for (int64_t o0 = row_begin; o0 < row_end; o0 += kPanelRows) {
+      const int nrows = static_cast<int>(imin(kPanelRows, row_end - o0));
+      if (aligned) {
+        decode_panel_aligned(p.w, tab, o0, nrows, k0, k1, panel);
+      } else {
         decode_panel(p.w, tab, o0, nrows, k0, k1, panel);
-        if (last && p.rank > 0) {
-          for (int64_t j = 0; j < p.rank; ++j) {
-            for (int i = 0; i < kPanelRows; ++i) bt[j * kPanelRows + i] = i < nrows ? p.lora_b[(o0 + i) * p.rank + j] : 0.0f;
-          }
+      }
+      if (last && p.rank > 0) {
+        for (int64_t j = 0; j < p.rank; ++j) {
+          for (int i = 0; i < kPanelRows; ++i) bt[j * kPanelRows + i] = i < nrows ? p.lora_b[(o0 + i) * p.rank + j] : 0.0f;
         }
-        for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxMr) {
-          const int mr = static_cast<int>(imin(kMaxMr, p.batch - b0));
-          micro_tile_n<kMaxMr>(mr, p, panel, k0, k1 - k0, b0, o0, nrows, first, last, bt);
-        }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int mr = static_cast<int>(imin(kMaxMr, p.batch - t * kMaxMr));
+        micro_tile_n<kMaxMr>(mr, p, panel, xpack + t * kMaxMr * kc, kc, t * kMaxMr, o0, nrows, first, last, bt);
       }
     }
   }

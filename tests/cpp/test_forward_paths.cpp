@@ -1,6 +1,7 @@
 // The forward paths the odd-size sweep of test_kernels.cpp does not reach: batch 1 with groups
-// aligned to 32-column blocks, several K-chunks and row super-tiles of the batched path, batch
-// tails of the register tile, groups that are a multiple of 32 while in_features is not, and
+// aligned to 32-column blocks (decoded in registers), the batched path over several K-chunks and
+// with batch tails of the register tile, the batched path with aligned groups (its panel is
+// decoded by transposing codes), groups that are a multiple of 32 while in_features is not, and
 // double-quantized scales through dequantize and forward. Every runnable ISA, against a float64
 // reference built from the scalar dequantization.
 #include <catch2/catch.hpp>
@@ -141,9 +142,9 @@ TEST_CASE("groups a multiple of 32 with in_features not a multiple of 32") {
   }
 }
 
-TEST_CASE("batched forward over several K-chunks, row super-tiles and batch tiles") {
+TEST_CASE("batched forward over several K-chunks and batch tiles") {
   IsaGuard guard;
-  // 600 columns: three K-chunks, the last with a 16-column tail; 300 rows: two super-tiles.
+  // 600 columns: three K-chunks, the last with a 24-column tail.
   for (int64_t gs : {int64_t{64}, int64_t{100}}) {
     const Layer l = make_layer(300, 600, gs);
     for (int64_t batch : {2, 12, 13, 30}) check_forward(l, false, batch, 8, batch % 2 == 0);
@@ -151,4 +152,14 @@ TEST_CASE("batched forward over several K-chunks, row super-tiles and batch tile
   }
   const Layer wide = make_layer(40, 1056, 64);
   check_forward(wide, true, 25, 16, true);
+}
+
+TEST_CASE("batched forward with block-aligned groups: partial last chunk, row tails") {
+  IsaGuard guard;
+  // 576 columns: chunks of 256, 256 and 64 (two blocks); 70 rows: a partial panel.
+  for (int64_t gs : {int64_t{32}, int64_t{64}, int64_t{192}, int64_t{576}}) {
+    const Layer l = make_layer(70, 576, gs);
+    for (int64_t batch : {2, 13}) check_forward(l, false, batch, 4, true);
+    check_forward(l, true, 3, 0, false);
+  }
 }
