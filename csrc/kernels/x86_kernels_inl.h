@@ -16,7 +16,7 @@
 
 // Columns of one GEMM panel: the decoded panel (kPanelRows x kKc floats) stays in L1 while the
 // batch tiles stream over it.
-constexpr int64_t kKc = 256;
+constexpr int64_t kKc = 512;
 constexpr int kPanelRows = 16 * kPanelUnits;
 
 // Groups that never straddle a row or a 32-column block: the layout of every real model, and
@@ -144,36 +144,54 @@ float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
   return acc;
 }
 
-// Batch 1, aligned groups, R rows sharing each load of x. Each row keeps two per-group
-// accumulators (columns 0-15 and 16-31 of a block) and folds them into its total with one
-// multiply by the group's scale, so a row's arithmetic is the same for any R.
-template <int R>
+// Batch 1, aligned groups, R rows sharing each load of x. Each row keeps one per-group
+// accumulator and folds it into its total with one multiply by the group's scale, so a row's
+// arithmetic is the same for any R. BPG is the number of 32-column blocks per group when it is
+// small enough to unroll (1, 2, 4), else 0 (read from the weight). The next R rows are prefetched
+// one cache line per block step: a row is only 2-8 KiB, too short for the hardware prefetcher to
+// ramp up on its own.
+template <int R, int BPG>
 void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
   const Nf4Weight& w = p.w;
   const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
-  const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
+  const int64_t bpg = BPG > 0 ? BPG : w.group_size / kBlockCols, gpr = in / w.group_size;
   const uint8_t* rows[R];
   F16 acc[R];
   for (int r = 0; r < R; ++r) {
     rows[r] = w.codes + (o + r) * row_bytes;
     acc[r] = f_zero();
   }
+  const char* next = reinterpret_cast<const char*>(w.codes + (o + R) * row_bytes);
+  const float* x = p.x;
   for (int64_t g = 0; g < gpr; ++g) {
-    F16 s0[R], s1[R];
-    for (int r = 0; r < R; ++r) s0[r] = s1[r] = f_zero();
-    for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
-      const F16 x0 = f_load(p.x + blk * kBlockCols);
-      const F16 x1 = f_load(p.x + blk * kBlockCols + 16);
+    F16 sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = f_zero();
+    for (int64_t j = 0; j < bpg; ++j) {
+      for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+      next += R * kBlockBytes;
+      const F16 x0 = f_load(x), x1 = f_load(x + 16);
+      x += kBlockCols;
       for (int r = 0; r < R; ++r) {
         F16 d0, d1;
-        decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
-        s0[r] = f_fma(x0, d0, s0[r]);
-        s1[r] = f_fma(x1, d1, s1[r]);
+        decode_block(tab, rows[r], d0, d1);
+        rows[r] += kBlockBytes;
+        sum[r] = f_fma(x1, d1, f_fma(x0, d0, sum[r]));
       }
     }
-    for (int r = 0; r < R; ++r) acc[r] = f_fma(f_add(s0[r], s1[r]), f_set1(group_scale(w, (o + r) * gpr + g)), acc[r]);
+    if (w.scales != nullptr) {
+      for (int r = 0; r < R; ++r) acc[r] = f_fma(sum[r], f_set1(w.scales[(o + r) * gpr + g]), acc[r]);
+    } else {
+      for (int r = 0; r < R; ++r) acc[r] = f_fma(sum[r], f_set1(group_scale(w, (o + r) * gpr + g)), acc[r]);
+    }
   }
   for (int r = 0; r < R; ++r) p.y[o + r] = finish(p, 0, o + r, f_reduce_add(acc[r]));
+}
+
+template <int BPG>
+void gemv_rows(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end) {
+  int64_t o = row_begin;
+  for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_aligned<kGemvRows, BPG>(p, tab, o);
+  for (; o < row_end; ++o) gemv_aligned<1, BPG>(p, tab, o);
 }
 
 // Batch 1, any group layout: the row is dequantized exactly into scratch, then dotted with x.
@@ -364,10 +382,12 @@ void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   const Nf4Table tab = make_table();
   if (p.batch != 1) return gemm(p, tab, row_begin, row_end);
   if (aligned_groups(p.w)) {
-    int64_t o = row_begin;
-    for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_aligned<kGemvRows>(p, tab, o);
-    for (; o < row_end; ++o) gemv_aligned<1>(p, tab, o);
-    return;
+    switch (p.w.group_size) {
+      case 32: return gemv_rows<1>(p, tab, row_begin, row_end);
+      case 64: return gemv_rows<2>(p, tab, row_begin, row_end);
+      case 128: return gemv_rows<4>(p, tab, row_begin, row_end);
+      default: return gemv_rows<0>(p, tab, row_begin, row_end);
+    }
   }
   float* row = scratch(0, static_cast<size_t>(p.w.in_features));
   for (int64_t o = row_begin; o < row_end; ++o) gemv_general(p, o, row);
