@@ -238,32 +238,37 @@ void decode_panel_aligned(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, i
                           int64_t k1, float* panel) {
   const int64_t row_bytes = packed_row_bytes(w.in_features);
   const int64_t gpr = w.in_features / w.group_size;
+  const int64_t g_first = k0 / w.group_size, g_last = (k1 - 1) / w.group_size;
+  // Groups of the chunk x 16 rows; gathered first so the vector loads below never wait on the
+  // scalar stores that wrote them. Groups are at least 32 columns, so at most kKc / 32 of them.
+  alignas(64) float st[kKc / kBlockCols * 16];
   for (int u = 0; u < kPanelUnits; ++u) {
-    alignas(64) float s[16];
-    int64_t scale_group = -1;
-    F16 scale = f_zero();
+    const int vr = static_cast<int>(imax(0, imin(16, nrows - 16 * u)));
+    const int64_t r0 = o0 + 16 * u;
+    for (int64_t g = g_first; g <= g_last; ++g) {
+      float* sg = st + (g - g_first) * 16;
+      for (int i = 0; i < 16; ++i) sg[i] = i < vr ? group_scale(w, (r0 + i) * gpr + g) : 0.0f;
+    }
+    int64_t gi = -1, group_end = g_first * w.group_size;  // group of the current block, and its end
     for (int64_t kb = k0; kb < k1; kb += 4 * kBlockCols) {
       const int nb = static_cast<int>(imin(4, (k1 - kb) / kBlockCols));
-      const int64_t byte = (kb / kBlockCols) * kBlockBytes;
+      const uint8_t* src = w.codes + r0 * row_bytes + (kb / kBlockCols) * kBlockBytes;
+      // Rows past nrows are not read; their lanes decode code 0 times scale 0.
       F16 t[16];
-      for (int i = 0; i < 16; ++i) {
-        const int row = u * 16 + i;
-        const float* src = reinterpret_cast<const float*>(w.codes + (o0 + row) * row_bytes + byte);
-        t[i] = row >= nrows ? f_zero() : nb == 4 ? f_load(src) : f_loadn(src, 4 * nb);
+      if (nb == 4) {
+        for (int i = 0; i < vr; ++i) t[i] = f_load(reinterpret_cast<const float*>(src + i * row_bytes));
+      } else {
+        for (int i = 0; i < vr; ++i) t[i] = f_loadn(reinterpret_cast<const float*>(src + i * row_bytes), 4 * nb);
       }
+      for (int i = vr; i < 16; ++i) t[i] = f_set1(0.0f);
       transpose16(t);
       for (int blk = 0; blk < nb; ++blk) {
         const int64_t c = kb + blk * kBlockCols;
-        const int64_t g = c / w.group_size;
-        if (g != scale_group) {
-          // Rows past nrows get scale 0, so their (absent) codes decode to 0.
-          for (int i = 0; i < 16; ++i) {
-            const int row = u * 16 + i;
-            s[i] = row < nrows ? group_scale(w, (o0 + row) * gpr + g) : 0.0f;
-          }
-          scale = f_load(s);
-          scale_group = g;
+        if (c >= group_end) {
+          ++gi;
+          group_end += w.group_size;
         }
+        const F16 scale = f_load(st + gi * 16);
         float* dst = panel + (c - k0) * kPanelRows + u * 16;
         for (int d = 0; d < 4; ++d) {
           const F16 v = t[4 * blk + d];
