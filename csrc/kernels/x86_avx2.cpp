@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 namespace qlora {
@@ -19,11 +20,14 @@ namespace {
 
 // Baseline helpers, outside the target region: a library template instantiated inside it could
 // be merged by the linker with the baseline instantiation of another file.
+// Scratch rows are 64-byte aligned: a full-width access that straddles two cache lines costs
+// two, and the GEMM panel is stored and loaded a full line at a time.
 float* scratch(int slot, size_t n) {
   thread_local std::vector<float> buffers[3];
   std::vector<float>& b = buffers[slot];
-  if (b.size() < n) b.resize(n);
-  return b.data();
+  if (b.size() < n + 16) b.resize(n + 16);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(b.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
 }
 constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr int64_t imax(int64_t a, int64_t b) { return a < b ? b : a; }

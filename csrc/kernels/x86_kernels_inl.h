@@ -352,12 +352,14 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
   const int64_t in = p.w.in_features;
   const int64_t tiles = (p.batch + kMaxMr - 1) / kMaxMr;
   const bool aligned = aligned_groups(p.w);
+  const int64_t row_bytes = packed_row_bytes(in);
   float* panel = scratch(0, static_cast<size_t>(kKc * kPanelRows));
   float* bt = scratch(1, static_cast<size_t>(imax(p.rank, 1) * kPanelRows));
   float* xpack = scratch(2, static_cast<size_t>(tiles * kMaxMr * kKc));
   for (int64_t k0 = 0; k0 < in; k0 += kKc) {
     const int64_t k1 = imin(in, k0 + kKc), kc = k1 - k0;
     const bool first = k0 == 0, last = k1 == in;
+    const int64_t code_end = ((k1 + kBlockCols - 1) / kBlockCols) * kBlockBytes;
     for (int64_t b = 0; b < p.batch; ++b) {
       float* dst = xpack + (b / kMaxMr) * kMaxMr * kc + (b % kMaxMr);
       const float* src = p.x + b * in + k0;
@@ -365,6 +367,18 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
     }
     for (int64_t o0 = row_begin; o0 < row_end; o0 += kPanelRows) {
       const int nrows = static_cast<int>(imin(kPanelRows, row_end - o0));
+      // The next panel's codes and scales: one short piece of each of its rows, a pattern no
+      // hardware prefetcher follows, and otherwise a cache miss per row while decoding.
+      const int next_rows = static_cast<int>(imin(kPanelRows, row_end - o0 - kPanelRows));
+      for (int i = 0; i < next_rows; ++i) {
+        const char* row = reinterpret_cast<const char*>(p.w.codes + (o0 + kPanelRows + i) * row_bytes);
+        for (int64_t b = (k0 / kBlockCols) * kBlockBytes; b < code_end; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+        if (aligned && p.w.scales != nullptr) {
+          const float* sc = p.w.scales + (o0 + kPanelRows + i) * (in / p.w.group_size);
+          _mm_prefetch(reinterpret_cast<const char*>(sc + k0 / p.w.group_size), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(sc + (k1 - 1) / p.w.group_size), _MM_HINT_T0);
+        }
+      }
       if (aligned) {
         decode_panel_aligned(p.w, tab, o0, nrows, k0, k1, panel);
       } else {
