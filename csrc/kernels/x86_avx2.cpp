@@ -59,7 +59,11 @@ namespace {
 
 constexpr int kPanelUnits = 1;  // 16 output rows per GEMM panel: two YMM per batch row
 constexpr int kMaxMr = 6;       // 6 x 2 accumulators + 2 weight registers + 1 broadcast of 16
-constexpr int kGemvRows = 1;    // one row already needs 6 of the 16 registers for accumulators
+constexpr int kGemvRows = 1;    // one row already needs 4 of the 16 registers for accumulators
+// With 16 registers the small-batch register path would spill; batches > 1 take the GEMM path.
+constexpr int64_t kSmallBatch = 0;
+constexpr int64_t kSmallBatchTile = 1;
+constexpr int kSmallRows = 1;
 
 struct F16 {
   __m256 a, b;  // lanes 0-7, 8-15

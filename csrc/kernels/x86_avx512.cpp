@@ -64,7 +64,12 @@ namespace {
 
 constexpr int kPanelUnits = 2;  // 32 output rows per GEMM panel: two ZMM per batch row
 constexpr int kMaxMr = 12;      // 12 x 2 accumulators + 2 weight registers of the 32
-constexpr int kGemvRows = 4;    // 4 rows x 3 accumulators, sharing each load of x
+constexpr int kGemvRows = 4;    // 4 rows x 2 accumulators, sharing each load of x
+// Batches up to 8 run the register path in tiles of 4 batch rows x 4 weight rows: 16
+// accumulators and 8 x registers.
+constexpr int64_t kSmallBatch = 8;
+constexpr int64_t kSmallBatchTile = 4;
+constexpr int kSmallRows = 4;
 
 struct F16 {
   __m512 v;

@@ -194,6 +194,65 @@ void gemv_rows(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int
   for (; o < row_end; ++o) gemv_aligned<1, BPG>(p, tab, o);
 }
 
+// Small batches (2 to kSmallBatch rows), aligned groups: a panel would cost as much to decode
+// as its FMAs, so R rows are decoded in registers once per block (dequantized exactly: code
+// times scale) and used by NB batch rows at a time, each (row, batch row) pair one FMA chain
+// over the columns, whatever R and NB are.
+template <int R, int NB>
+void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0) {
+  const Nf4Weight& w = p.w;
+  const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
+  const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
+  const uint8_t* rows[R];
+  F16 acc[R][NB];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = w.codes + (o + r) * row_bytes;
+    for (int b = 0; b < NB; ++b) acc[r][b] = f_zero();
+  }
+  const char* next = reinterpret_cast<const char*>(w.codes + (o + R) * row_bytes);
+  const float* x = p.x + b0 * in;
+  for (int64_t g = 0; g < gpr; ++g) {
+    F16 s[R];
+    for (int r = 0; r < R; ++r) s[r] = f_set1(group_scale(w, (o + r) * gpr + g));
+    for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
+      for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + blk * (R * kBlockBytes) + l, _MM_HINT_T0);
+      F16 x0[NB], x1[NB];
+      for (int b = 0; b < NB; ++b) {
+        x0[b] = f_load(x + b * in + blk * kBlockCols);
+        x1[b] = f_load(x + b * in + blk * kBlockCols + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        F16 d0, d1;
+        decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
+        d0 = f_mul(d0, s[r]);
+        d1 = f_mul(d1, s[r]);
+        for (int b = 0; b < NB; ++b) acc[r][b] = f_fma(x1[b], d1, f_fma(x0[b], d0, acc[r][b]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < NB; ++b) p.y[(b0 + b) * w.out_features + o + r] = finish(p, b0 + b, o + r, f_reduce_add(acc[r][b]));
+  }
+}
+
+template <int NB>
+void gemv_small_rows(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end, int64_t b0) {
+  int64_t o = row_begin;
+  for (; o + kSmallRows <= row_end; o += kSmallRows) gemv_small<kSmallRows, NB>(p, tab, o, b0);
+  for (; o < row_end; ++o) gemv_small<1, NB>(p, tab, o, b0);
+}
+
+void gemv_small_batch(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end) {
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kSmallBatchTile) {
+    switch (imin(kSmallBatchTile, p.batch - b0)) {
+      case 1: gemv_small_rows<1>(p, tab, row_begin, row_end, b0); break;
+      case 2: gemv_small_rows<2>(p, tab, row_begin, row_end, b0); break;
+      case 3: gemv_small_rows<3>(p, tab, row_begin, row_end, b0); break;
+      default: gemv_small_rows<4>(p, tab, row_begin, row_end, b0); break;
+    }
+  }
+}
+
 // Batch 1, any group layout: the row is dequantized exactly into scratch, then dotted with x.
 void gemv_general(const ForwardArgs& p, int64_t o, float* row) {
   dequantize_rows(p.w, o, o + 1, row);
@@ -399,6 +458,7 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
 
 void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   const Nf4Table tab = make_table();
+  if (p.batch > 1 && p.batch <= kSmallBatch && aligned_groups(p.w)) return gemv_small_batch(p, tab, row_begin, row_end);
   if (p.batch != 1) return gemm(p, tab, row_begin, row_end);
   if (aligned_groups(p.w)) {
     switch (p.w.group_size) {

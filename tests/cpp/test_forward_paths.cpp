@@ -13,6 +13,7 @@
 #include "qlora/dispatch.h"
 #include "qlora/nf4.h"
 #include "qlora/ops.h"
+#include "qlora/thread_pool.h"
 #include "test_util.h"
 
 using namespace qlora;
@@ -159,7 +160,35 @@ TEST_CASE("batched forward with block-aligned groups: partial last chunk, row ta
   // 576 columns: chunks of 256, 256 and 64 (two blocks); 70 rows: a partial panel.
   for (int64_t gs : {int64_t{32}, int64_t{64}, int64_t{192}, int64_t{576}}) {
     const Layer l = make_layer(70, 576, gs);
-    for (int64_t batch : {2, 13}) check_forward(l, false, batch, 4, true);
+    for (int64_t batch : {2, 7, 13}) check_forward(l, false, batch, 4, true);
     check_forward(l, true, 3, 0, false);
   }
+}
+
+TEST_CASE("aligned-group paths are bit-identical for any thread count") {
+  IsaGuard guard;
+  const Layer l = make_layer(300, 512, 64);
+  const Nf4Weight v = l.view(false);
+  const int64_t rank = 8;
+  const auto a = qlora_test::normal_vector(static_cast<size_t>(rank * 512), 31, 0.05f);
+  const auto b = qlora_test::normal_vector(static_cast<size_t>(300 * rank), 32, 0.05f);
+  for (const KernelTable* t : qlora_test::runnable_tables()) {
+    set_active_isa(t->name);
+    for (int64_t batch : {1, 6, 37}) {
+      INFO("isa " << t->name << " batch " << batch);
+      const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * 512), 33);
+      auto run = [&] {
+        std::vector<float> y(static_cast<size_t>(batch * 300));
+        forward(v, x.data(), batch, a.data(), b.data(), rank, 0.5f, nullptr, y.data());
+        return y;
+      };
+      set_num_threads(1);
+      const auto y1 = run();
+      for (int threads : {2, 3, 5}) {
+        set_num_threads(threads);
+        REQUIRE(run() == y1);
+      }
+    }
+  }
+  set_num_threads(default_num_threads());
 }
