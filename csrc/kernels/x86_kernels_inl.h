@@ -147,9 +147,9 @@ float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
 // Batch 1, aligned groups, R rows sharing each load of x. Each row keeps one per-group
 // accumulator and folds it into its total with one multiply by the group's scale, so a row's
 // arithmetic is the same for any R. BPG is the number of 32-column blocks per group when it is
-// small enough to unroll (1, 2, 4), else 0 (read from the weight). The next R rows are prefetched
+// small enough to unroll (1, 2, 4), else 0 (read from the weight). Rows 4R ahead are prefetched
 // one cache line per block step: a row is only 2-8 KiB, too short for the hardware prefetcher to
-// ramp up on its own.
+// ramp up on its own, and one tile ahead was measured a little too close.
 template <int R, int BPG>
 void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
   const Nf4Weight& w = p.w;
@@ -161,7 +161,7 @@ void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
     rows[r] = w.codes + (o + r) * row_bytes;
     acc[r] = f_zero();
   }
-  const char* next = reinterpret_cast<const char*>(w.codes + (o + R) * row_bytes);
+  const char* next = reinterpret_cast<const char*>(w.codes + (o + 4 * R) * row_bytes);
   const float* x = p.x;
   for (int64_t g = 0; g < gpr; ++g) {
     F16 sum[R];
