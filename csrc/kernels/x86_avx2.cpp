@@ -1,8 +1,8 @@
 // The AVX2 + FMA kernels, for x86-64 CPUs from Haswell on. The file is compiled with baseline
-// flags; everything that touches a YMM register lives in the target region below, over a
-// 16-float vector made of two YMM registers, and the shared bodies come from
-// x86_kernels_inl.h. The 16-entry NF4 table needs two 8-entry permutes and a blend on bit 3 of
-// the code. On other architectures table() returns nullptr.
+// flags; everything that touches a YMM register lives in the target region below (GCC's target
+// pragma, or clang's attribute push), over a 16-float vector made of two YMM registers, and the
+// shared bodies come from x86_kernels_inl.h. The 16-entry NF4 table needs two 8-entry permutes
+// and a blend on bit 3 of the code. On other architectures table() returns nullptr.
 #include "qlora/kernels.h"
 
 #if defined(__x86_64__)
@@ -47,8 +47,12 @@ alignas(32) constexpr int32_t kLaneIndex[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 }  // namespace kernels
 }  // namespace qlora
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 
 namespace qlora {
 namespace kernels {
@@ -221,7 +225,11 @@ QLORA_VEC_INLINE void transpose16(F16 r[16]) {
 }  // namespace kernels
 }  // namespace qlora
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace qlora {
 namespace kernels {

@@ -1,8 +1,8 @@
 // The AVX-512 kernels (F, BW, VL, DQ, with AVX2 and FMA), for x86-64 CPUs from Skylake-SP on.
 // The file is compiled with baseline flags; everything that touches a ZMM register lives in the
-// target region below, over a 16-float vector, and the shared bodies come from
-// x86_kernels_inl.h. A 16-float NF4 table fits one register, so one vpermps decodes 16 codes.
-// On other architectures table() returns nullptr.
+// target region below (GCC's target pragma, or clang's attribute push), over a 16-float vector,
+// and the shared bodies come from x86_kernels_inl.h. A 16-float NF4 table fits one register, so
+// one vpermps decodes 16 codes. On other architectures table() returns nullptr.
 #include "qlora/kernels.h"
 
 #if defined(__x86_64__)
@@ -47,6 +47,10 @@ alignas(64) constexpr float kMidpoints[16] = {
 }  // namespace kernels
 }  // namespace qlora
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), \
+                             apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 // GCC 12's AVX-512 headers start masked intrinsics from a deliberately undefined register and
@@ -54,6 +58,7 @@ alignas(64) constexpr float kMidpoints[16] = {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace qlora {
 namespace kernels {
@@ -173,8 +178,12 @@ QLORA_VEC_INLINE void transpose16(F16 r[16]) {
 }  // namespace kernels
 }  // namespace qlora
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif
 
 namespace qlora {
 namespace kernels {
