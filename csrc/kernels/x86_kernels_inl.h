@@ -130,10 +130,34 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
   }
 }
 
+// Four rows of A per pass share each load of x: a lone dot product is bound by its two loads
+// per FMA. Each output is still one fixed-order sum, whatever the batch range.
+void dot4(const float* x, const float* a, int64_t n, float* out) {
+  F16 acc[4][2];
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = f_zero();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const F16 x0 = f_load(x + i), x1 = f_load(x + i + 16);
+    for (int j = 0; j < 4; ++j) {
+      acc[j][0] = f_fma(x0, f_load(a + j * n + i), acc[j][0]);
+      acc[j][1] = f_fma(x1, f_load(a + j * n + i + 16), acc[j][1]);
+    }
+  }
+  for (; i < n; i += 16) {
+    const int m = static_cast<int>(imin(16, n - i));
+    const F16 xt = f_loadn(x + i, m);
+    for (int j = 0; j < 4; ++j) acc[j][0] = f_fma(xt, f_loadn(a + j * n + i, m), acc[j][0]);
+  }
+  for (int j = 0; j < 4; ++j) out[j] = f_reduce_add(f_add(acc[j][0], acc[j][1]));
+}
+
 void lora_down(const float* x, int64_t in_features, const float* a, int64_t rank, int64_t b_begin,
                int64_t b_end, float* xa) {
   for (int64_t b = b_begin; b < b_end; ++b) {
-    for (int64_t k = 0; k < rank; ++k) xa[b * rank + k] = dot(x + b * in_features, a + k * in_features, in_features);
+    const float* xb = x + b * in_features;
+    int64_t k = 0;
+    for (; k + 4 <= rank; k += 4) dot4(xb, a + k * in_features, in_features, xa + b * rank + k);
+    for (; k < rank; ++k) xa[b * rank + k] = dot(xb, a + k * in_features, in_features);
   }
 }
 
@@ -404,6 +428,25 @@ void micro_tile_n(int mr, const ForwardArgs& p, const float* panel, const float*
   }
 }
 
+// Codes (and plain scales) of columns [k0, k1) of `count` rows from `first`: the next GEMM panel,
+// one short piece of each of its rows, a pattern no hardware prefetcher follows and otherwise a
+// cache miss per row while decoding. The caller spreads them over the register tiles of the
+// current panel, as a burst of 64 prefetches stalls on the fill buffers.
+void prefetch_rows(const Nf4Weight& w, int64_t first, int64_t count, int64_t k0, int64_t k1) {
+  const int64_t row_bytes = packed_row_bytes(w.in_features);
+  const int64_t b0 = (k0 / kBlockCols) * kBlockBytes, b1 = ((k1 + kBlockCols - 1) / kBlockCols) * kBlockBytes;
+  const bool scales = aligned_groups(w) && w.scales != nullptr;
+  const int64_t gpr = w.in_features / w.group_size;
+  for (int64_t r = first; r < first + count; ++r) {
+    const char* row = reinterpret_cast<const char*>(w.codes + r * row_bytes);
+    for (int64_t b = b0; b < b1; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    if (scales) {
+      _mm_prefetch(reinterpret_cast<const char*>(w.scales + r * gpr + k0 / w.group_size), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.scales + r * gpr + (k1 - 1) / w.group_size), _MM_HINT_T0);
+    }
+  }
+}
+
 // K-chunks outermost: the packed x columns of a chunk (at most 256 x kKc floats) are made once
 // and stay in L2 while every panel of the row range is decoded and multiplied; y carries the
 // partial sums between chunks.
@@ -411,14 +454,12 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
   const int64_t in = p.w.in_features;
   const int64_t tiles = (p.batch + kMaxMr - 1) / kMaxMr;
   const bool aligned = aligned_groups(p.w);
-  const int64_t row_bytes = packed_row_bytes(in);
   float* panel = scratch(0, static_cast<size_t>(kKc * kPanelRows));
   float* bt = scratch(1, static_cast<size_t>(imax(p.rank, 1) * kPanelRows));
   float* xpack = scratch(2, static_cast<size_t>(tiles * kMaxMr * kKc));
   for (int64_t k0 = 0; k0 < in; k0 += kKc) {
     const int64_t k1 = imin(in, k0 + kKc), kc = k1 - k0;
     const bool first = k0 == 0, last = k1 == in;
-    const int64_t code_end = ((k1 + kBlockCols - 1) / kBlockCols) * kBlockBytes;
     for (int64_t b = 0; b < p.batch; ++b) {
       float* dst = xpack + (b / kMaxMr) * kMaxMr * kc + (b % kMaxMr);
       const float* src = p.x + b * in + k0;
@@ -426,18 +467,8 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
     }
     for (int64_t o0 = row_begin; o0 < row_end; o0 += kPanelRows) {
       const int nrows = static_cast<int>(imin(kPanelRows, row_end - o0));
-      // The next panel's codes and scales: one short piece of each of its rows, a pattern no
-      // hardware prefetcher follows, and otherwise a cache miss per row while decoding.
-      const int next_rows = static_cast<int>(imin(kPanelRows, row_end - o0 - kPanelRows));
-      for (int i = 0; i < next_rows; ++i) {
-        const char* row = reinterpret_cast<const char*>(p.w.codes + (o0 + kPanelRows + i) * row_bytes);
-        for (int64_t b = (k0 / kBlockCols) * kBlockBytes; b < code_end; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-        if (aligned && p.w.scales != nullptr) {
-          const float* sc = p.w.scales + (o0 + kPanelRows + i) * (in / p.w.group_size);
-          _mm_prefetch(reinterpret_cast<const char*>(sc + k0 / p.w.group_size), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(sc + (k1 - 1) / p.w.group_size), _MM_HINT_T0);
-        }
-      }
+      const int64_t next_rows = imax(0, imin(kPanelRows, row_end - o0 - kPanelRows));
+      const int64_t rows_per_tile = (next_rows + tiles - 1) / tiles;
       if (aligned) {
         decode_panel_aligned(p.w, tab, o0, nrows, k0, k1, panel);
       } else {
@@ -449,6 +480,8 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
         }
       }
       for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t i0 = imin(next_rows, t * rows_per_tile);
+        prefetch_rows(p.w, o0 + kPanelRows + i0, imin(next_rows, i0 + rows_per_tile) - i0, k0, k1);
         const int mr = static_cast<int>(imin(kMaxMr, p.batch - t * kMaxMr));
         micro_tile_n<kMaxMr>(mr, p, panel, xpack + t * kMaxMr * kc, kc, t * kMaxMr, o0, nrows, first, last, bt);
       }
