@@ -145,9 +145,9 @@ TEST_CASE("groups a multiple of 32 with in_features not a multiple of 32") {
 
 TEST_CASE("batched forward over several K-chunks and batch tiles") {
   IsaGuard guard;
-  // 600 columns: three K-chunks, the last with a 24-column tail.
+  // 1100 columns: three K-chunks of the 512-column GEMM panel, the last ending in a partial block.
   for (int64_t gs : {int64_t{64}, int64_t{100}}) {
-    const Layer l = make_layer(300, 600, gs);
+    const Layer l = make_layer(300, 1100, gs);
     for (int64_t batch : {2, 12, 13, 30}) check_forward(l, false, batch, 8, batch % 2 == 0);
     check_forward(l, true, 7, 8, true);
   }
@@ -157,9 +157,9 @@ TEST_CASE("batched forward over several K-chunks and batch tiles") {
 
 TEST_CASE("batched forward with block-aligned groups: partial last chunk, row tails") {
   IsaGuard guard;
-  // 576 columns: chunks of 256, 256 and 64 (two blocks); 70 rows: a partial panel.
-  for (int64_t gs : {int64_t{32}, int64_t{64}, int64_t{192}, int64_t{576}}) {
-    const Layer l = make_layer(70, 576, gs);
+  // 1088 columns: K-chunks of 512, 512 and 64 (two blocks); 70 rows: a partial panel.
+  for (int64_t gs : {int64_t{32}, int64_t{64}, int64_t{544}, int64_t{1088}}) {
+    const Layer l = make_layer(70, 1088, gs);
     for (int64_t batch : {2, 7, 13}) check_forward(l, false, batch, 4, true);
     check_forward(l, true, 3, 0, false);
   }
