@@ -3,7 +3,8 @@
 // of fp32 output) and the fused forward at batch 1, 8, 32, 128 and 512 with a rank-16 LoRA term
 // and a bias (FLOP/s of the base matmul, bytes/s of NF4 weight read; the scalar table only up to
 // batch 8). Threads follow QLORA_NUM_THREADS or the affinity mask, as in the library; the real
-// (wall) time is reported, and with --benchmark_repetitions a "min" aggregate besides the mean.
+// (wall) time is reported, and with --benchmark_repetitions a "min" aggregate (fastest time)
+// besides the mean and median.
 //
 //   qlora_bench_kernels --benchmark_filter='forward/avx512/4096x4096/'
 //   QLORA_NUM_THREADS=1 qlora_bench_kernels --benchmark_repetitions=5
@@ -134,7 +135,8 @@ void bm_forward(benchmark::State& state, std::string isa, Shape s, int64_t batch
 }
 
 // With --benchmark_repetitions, the fastest repetition: on a shared machine it is the one least
-// disturbed by other processes.
+// disturbed by other processes. Google Benchmark applies a statistic to every counter alike, so
+// the rate counters of the "min" row are the slowest rates: derive rates from its time.
 double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 }  // namespace
