@@ -5,14 +5,16 @@
 // guard on purpose: every ISA file includes it once. The including file provides F16 and its
 // operations (f_zero, f_set1, f_load, f_loadn, f_store, f_storen, f_fma, f_add, f_mul, f_div,
 // f_max, f_min, f_abs, f_reduce_add, f_reduce_max), Nf4Table with make_table(), decode_block(),
-// decode_half(), transpose16(), encode_block(), the tile constants kPanelUnits, kMaxMr and
-// kGemvRows, and the baseline helpers scratch() and imin().
+// decode_half(), lookup_bits<S>(), transpose16(), encode_block(), the tile constants
+// kPanelUnits, kMaxMr, kGemvRows, kSmallBatch, kSmallBatchTile and kSmallRows, and the baseline
+// helpers scratch(), imin(), imax() and fmaxf_().
 //
-// Shapes of the work: dequantization, quantization and batch-1 forward stream the packed rows
-// once (memory bound); a batch > 1 forward decodes a panel of kPanelRows rows by kKc columns
-// into a transposed fp32 scratch once and reuses it for every batch row through a
-// kMaxMr x kPanelRows register tile, so it runs at fp32 FMA throughput. Every output element is
-// one FMA chain over the columns in ascending order, whatever range or tile it falls in.
+// Shapes of the work: dequantization, quantization and the batch-1 forward stream the packed
+// rows once, decoding in registers; so do batches up to kSmallBatch when groups align with
+// 32-column blocks. Larger batches decode a panel of kPanelRows rows by kKc columns into a
+// transposed fp32 scratch once and reuse it for every batch row through a kMaxMr x kPanelRows
+// register tile, at fp32 FMA throughput. Every output element is one FMA chain over the
+// columns in ascending order (then the LoRA term and bias), whatever range or tile it is in.
 
 // Columns of one GEMM K-chunk. The decoded panel (kPanelRows x kKc floats, 64 KiB on AVX-512)
 // and the packed x of the chunk (up to 256 x kKc floats) live in L2; the register tile reads two
