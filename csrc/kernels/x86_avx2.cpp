@@ -153,6 +153,13 @@ QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half
   return {lookup(tab, i0), lookup(tab, i1)};
 }
 
+// The batch-1 decode and its x order: the plain ones here (16 registers leave no room for the
+// AVX-512 file's lane trick, and vpermps is not the only port-5 user anyway).
+QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+  decode_block(tab, p, d0, d1);
+}
+QLORA_VEC_INLINE const float* gemv_x(const float* x, int64_t, float*) { return x; }
+
 // The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).
 template <int S>
 QLORA_VEC_INLINE F16 lookup_bits(const Nf4Table& tab, F16 bits) {

@@ -100,8 +100,13 @@ QLORA_VEC_INLINE float f_reduce_max(F16 a) { return _mm512_reduce_max_ps(a.v); }
 
 struct Nf4Table {
   __m512 t;
+  __m512i shift_lo, shift_hi;  // for decode_block_gemv(): 8 * (lane / 4), plus 4
 };
-QLORA_VEC_INLINE Nf4Table make_table() { return {_mm512_loadu_ps(kNf4Codebook)}; }
+QLORA_VEC_INLINE Nf4Table make_table() {
+  const __m512i lane = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2);
+  const __m512i lo = _mm512_slli_epi32(lane, 3);
+  return {_mm512_loadu_ps(kNf4Codebook), lo, _mm512_add_epi32(lo, _mm512_set1_epi32(4))};
+}
 
 // vpermps reads only the low 4 bits of each index, so the zero-extended byte indexes the low
 // nibble (columns 0-15) as it is, and needs one shift for the high nibble (columns 16-31).
@@ -114,6 +119,22 @@ QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half
   __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   if (half != 0) i = _mm512_srli_epi32(i, 4);
   return {_mm512_permutexvar_ps(i, tab.t)};
+}
+
+// The batch-1 decode. vpmovzxbd and vpermps both need port 5, which the FMAs share with port 0
+// only; here the 16 bytes are broadcast to the four 128-bit lanes by the load unit and each lane
+// shifted by a different multiple of 8 (port 0), so lane 4l + p holds the code of column 4p + l:
+// a 4x4 transpose of each 16-column half, which gemv_x() applies to x once per call.
+QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+  const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  d0.v = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, tab.shift_lo), tab.t);
+  d1.v = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, tab.shift_hi), tab.t);
+}
+// x in the lane order of decode_block_gemv() (n a multiple of 16), into out; returns out.
+QLORA_VEC_INLINE const float* gemv_x(const float* x, int64_t n, float* out) {
+  const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x + i)));
+  return out;
 }
 
 // The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).

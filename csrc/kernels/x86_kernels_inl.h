@@ -5,7 +5,8 @@
 // guard on purpose: every ISA file includes it once. The including file provides F16 and its
 // operations (f_zero, f_set1, f_load, f_loadn, f_store, f_storen, f_fma, f_add, f_mul, f_div,
 // f_max, f_min, f_abs, f_reduce_add, f_reduce_max), Nf4Table with make_table(), decode_block(),
-// decode_half(), lookup_bits<S>(), transpose16(), encode_block(), the tile constants
+// decode_half(), decode_block_gemv() with gemv_x(), lookup_bits<S>(), transpose16(),
+// encode_block(), the tile constants
 // kPanelUnits, kMaxMr, kGemvRows, kSmallBatch, kSmallBatchTile and kSmallRows, and the baseline
 // helpers scratch(), imin(), imax() and fmaxf_().
 //
@@ -179,7 +180,7 @@ float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
 // one cache line per block step: a row is only 2-8 KiB, too short for the hardware prefetcher to
 // ramp up on its own, and one tile ahead was measured a little too close.
 template <int R, int BPG>
-void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
+void gemv_aligned(const ForwardArgs& p, const float* xg, const Nf4Table& tab, int64_t o) {
   const Nf4Weight& w = p.w;
   const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
   const int64_t bpg = BPG > 0 ? BPG : w.group_size / kBlockCols, gpr = in / w.group_size;
@@ -190,7 +191,7 @@ void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
     acc[r] = f_zero();
   }
   const char* next = reinterpret_cast<const char*>(w.codes + (o + 4 * R) * row_bytes);
-  const float* x = p.x;
+  const float* x = xg;
   for (int64_t g = 0; g < gpr; ++g) {
     F16 sum[R];
     for (int r = 0; r < R; ++r) sum[r] = f_zero();
@@ -201,7 +202,7 @@ void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
       x += kBlockCols;
       for (int r = 0; r < R; ++r) {
         F16 d0, d1;
-        decode_block(tab, rows[r], d0, d1);
+        decode_block_gemv(tab, rows[r], d0, d1);
         rows[r] += kBlockBytes;
         sum[r] = f_fma(x1, d1, f_fma(x0, d0, sum[r]));
       }
@@ -217,9 +218,10 @@ void gemv_aligned(const ForwardArgs& p, const Nf4Table& tab, int64_t o) {
 
 template <int BPG>
 void gemv_rows(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t row_end) {
+  const float* x = gemv_x(p.x, p.w.in_features, scratch(1, static_cast<size_t>(p.w.in_features)));
   int64_t o = row_begin;
-  for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_aligned<kGemvRows, BPG>(p, tab, o);
-  for (; o < row_end; ++o) gemv_aligned<1, BPG>(p, tab, o);
+  for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_aligned<kGemvRows, BPG>(p, x, tab, o);
+  for (; o < row_end; ++o) gemv_aligned<1, BPG>(p, x, tab, o);
 }
 
 // Small batches (2 to kSmallBatch rows), aligned groups: a panel would cost as much to decode
