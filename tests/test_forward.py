@@ -114,7 +114,10 @@ def test_out_is_written_and_returned(isa):
     np.testing.assert_array_equal(out, layer(x))
     v = np.full(9, np.nan, np.float32)
     assert layer(x[0, 0], out=v) is v
-    np.testing.assert_array_equal(v, out[0, 0])
+    # A single row takes the batch-1 kernel, whose summation order differs from the batched
+    # one: equal to the same call without out=, and within the bound of the reference.
+    np.testing.assert_array_equal(v, layer(x[0, 0]))
+    assert_close(v, x[0, 0], layer)
 
 
 def test_dequantize_out(isa):
