@@ -434,6 +434,27 @@ void micro_tile_n(int mr, const ForwardArgs& p, const float* panel, const float*
   }
 }
 
+// Columns [k0, k0 + kc) of x, k-major per tile of kMaxMr batch rows: xpack[t][k][i]. Each
+// thread does this once per K-chunk of every row range it is handed, so it is a transpose of
+// 16 x 16 blocks rather than a strided scalar copy.
+void pack_x(const ForwardArgs& p, int64_t k0, int64_t kc, int64_t tiles, float* xpack) {
+  const int64_t in = p.w.in_features;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int mr = static_cast<int>(imin(kMaxMr, p.batch - t * kMaxMr));
+    const float* src = p.x + t * kMaxMr * in + k0;
+    float* dst = xpack + t * kMaxMr * kc;
+    for (int64_t k = 0; k < kc; k += 16) {
+      const int n = static_cast<int>(imin(16, kc - k));
+      F16 r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i >= mr ? f_zero() : n == 16 ? f_load(src + i * in + k) : f_loadn(src + i * in + k, n);
+      }
+      transpose16(r);
+      for (int j = 0; j < n; ++j) f_storen(dst + (k + j) * kMaxMr, r[j], kMaxMr);
+    }
+  }
+}
+
 // Codes (and plain scales) of columns [k0, k1) of `count` rows from `first`: the next GEMM panel,
 // one short piece of each of its rows, a pattern no hardware prefetcher follows and otherwise a
 // cache miss per row while decoding. The caller spreads them over the register tiles of the
@@ -465,11 +486,7 @@ void gemm(const ForwardArgs& p, const Nf4Table& tab, int64_t row_begin, int64_t 
   for (int64_t k0 = 0; k0 < in; k0 += kKc) {
     const int64_t k1 = imin(in, k0 + kKc), kc = k1 - k0;
     const bool first = k0 == 0, last = k1 == in;
-    for (int64_t b = 0; b < p.batch; ++b) {
-      float* dst = xpack + (b / kMaxMr) * kMaxMr * kc + (b % kMaxMr);
-      const float* src = p.x + b * in + k0;
-      for (int64_t k = 0; k < kc; ++k) dst[k * kMaxMr] = src[k];
-    }
+    pack_x(p, k0, kc, tiles, xpack);
     for (int64_t o0 = row_begin; o0 < row_end; o0 += kPanelRows) {
       const int nrows = static_cast<int>(imin(kPanelRows, row_end - o0));
       const int64_t next_rows = imax(0, imin(kPanelRows, row_end - o0 - kPanelRows));
