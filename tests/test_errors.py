@@ -344,7 +344,8 @@ def test_core_forward_good_call_matches_layer(layer):
 
 @pytest.mark.parametrize("over, fragments", [
     (dict(x=np.zeros((3, 7), np.float32)), ("x", "8")),
-    (dict(x=np.zeros(8, np.float32)), ("x", "8")),
+    # The core takes any leading dimensions: a 1-D x is one row, so out (3, 4) is what's wrong.
+    (dict(x=np.zeros(8, np.float32)), ("out", "(4,)", "(3, 4)")),
     (dict(lora_a=np.zeros((2, 7), np.float32)), ("lora_a", "8")),
     (dict(lora_b=np.zeros((4, 3), np.float32)), ("lora_b", "(4, 2)")),
     (dict(lora_b=np.zeros((3, 2), np.float32)), ("lora_b", "(4, 2)")),

@@ -114,11 +114,30 @@ void dequantize(const Nf4Tensor& t, F32& out) {
   qlora::dequantize_nf4(t.view(), po);
 }
 
+// x: (..., in_features) with any number of leading dimensions (at least one dimension);
+// out: the same leading dimensions and out_features last. Both C-contiguous, so the batch is
+// the product of the leading dimensions and no reshape is needed on either side.
 void forward(const Nf4Tensor& t, const F32& x, const F32& a, const F32& b, float scaling,
              const std::optional<F32>& bias, F32& out) {
-  QLORA_REQUIRE(x.ndim() == 2 && x.shape(1) == t.in_features(),
-                "x must have shape (batch, " + std::to_string(t.in_features()) + ")");
-  const int64_t batch = x.shape(0);
+  const py::ssize_t nd = x.ndim();
+  QLORA_REQUIRE(nd >= 1 && x.shape(nd - 1) == t.in_features(),
+                "x must have shape (..., " + std::to_string(t.in_features()) + ")");
+  int64_t batch = 1;
+  bool same_lead = out.ndim() == nd && out.shape(nd - 1) == t.out_features();
+  for (py::ssize_t d = 0; d + 1 < nd; ++d) {
+    batch = qlora::checked_mul(batch, x.shape(d), "batch");
+    same_lead = same_lead && out.shape(d) == x.shape(d);
+  }
+  if (!same_lead) {
+    auto shape_str = [](const py::array& arr, py::ssize_t n, int64_t last) {
+      std::string sh = "(";
+      for (py::ssize_t d = 0; d + 1 < n; ++d) sh += std::to_string(arr.shape(d)) + ", ";
+      return sh + std::to_string(last) + (n == 1 ? ",)" : ")");
+    };
+    throw std::invalid_argument("out must have shape " + shape_str(x, nd, t.out_features()) +
+                                " to match x, got " +
+                                shape_str(out, out.ndim(), out.ndim() ? out.shape(out.ndim() - 1) : 0));
+  }
   QLORA_REQUIRE(a.ndim() == 2 && a.shape(1) == t.in_features(),
                 "lora_a must have shape (rank, " + std::to_string(t.in_features()) + ")");
   const int64_t rank = a.shape(0);
@@ -126,9 +145,6 @@ void forward(const Nf4Tensor& t, const F32& x, const F32& a, const F32& b, float
                 "lora_b must have shape (" + std::to_string(t.out_features()) + ", " +
                     std::to_string(rank) + ")");
   if (bias) require_size(*bias, t.out_features(), "bias");
-  QLORA_REQUIRE(out.ndim() == 2 && out.shape(0) == batch && out.shape(1) == t.out_features(),
-                "out must have shape (" + std::to_string(batch) + ", " +
-                    std::to_string(t.out_features()) + ")");
   require_writable(out, "out");
   const float* px = x.data();
   const float* pa = a.data();
