@@ -6,7 +6,6 @@
 // reference built from the scalar dequantization.
 #include <catch2/catch.hpp>
 
-#include <cmath>
 #include <string>
 #include <vector>
 
@@ -82,17 +81,6 @@ void check_forward(const Layer& l, bool nested, int64_t batch, int64_t rank, boo
   const auto b = qlora_test::normal_vector(static_cast<size_t>(out * rank), 23, 0.1f);
   const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 24);
   const float scaling = 0.5f;
-  const double eps = std::ldexp(1.0, -24);
-
-  std::vector<double> xa(static_cast<size_t>(batch * rank)), xa_mag(xa.size());
-  for (int64_t bi = 0; bi < batch; ++bi) {
-    for (int64_t k = 0; k < rank; ++k) {
-      for (int64_t c = 0; c < in; ++c) {
-        xa[bi * rank + k] += double(x[bi * in + c]) * a[k * in + c];
-        xa_mag[bi * rank + k] += std::fabs(double(x[bi * in + c]) * a[k * in + c]);
-      }
-    }
-  }
   for (const KernelTable* t : qlora_test::runnable_tables()) {
     INFO("isa " << t->name << " out " << out << " in " << in << " gs " << l.gs << " nested " << nested
                 << " batch " << batch << " rank " << rank);
@@ -101,21 +89,8 @@ void check_forward(const Layer& l, bool nested, int64_t batch, int64_t rank, boo
     REQUIRE(deq_isa == deq);
     std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
     forward(v, x.data(), batch, a.data(), b.data(), rank, scaling, with_bias ? bias.data() : nullptr, y.data());
-    for (int64_t bi = 0; bi < batch; ++bi) {
-      for (int64_t o = 0; o < out; ++o) {
-        double ref = with_bias ? bias[o] : 0.0, mag = std::fabs(ref);
-        for (int64_t c = 0; c < in; ++c) {
-          ref += double(x[bi * in + c]) * deq[o * in + c];
-          mag += std::fabs(double(x[bi * in + c]) * deq[o * in + c]);
-        }
-        for (int64_t k = 0; k < rank; ++k) {
-          ref += scaling * xa[bi * rank + k] * b[o * rank + k];
-          mag += scaling * xa_mag[bi * rank + k] * std::fabs(b[o * rank + k]);
-        }
-        const double bound = double(in + rank + 4) * eps * mag * 1.01 + 1e-30;
-        REQUIRE(std::fabs(double(y[bi * out + o]) - ref) <= bound);
-      }
-    }
+    qlora_test::check_forward_within_bound(y, x, deq, a, b, with_bias ? bias.data() : nullptr, scaling, batch,
+                                           out, in, rank);
   }
 }
 

@@ -117,7 +117,6 @@ TEST_CASE("scalar quantization equals the flat reference; every ISA equals scala
 
 TEST_CASE("forward of every ISA is within the float32 rounding bound of a float64 reference") {
   IsaGuard guard;
-  const double eps = std::ldexp(1.0, -24);
   for (int64_t out : {1, 5, 33, 70}) {
     for (int64_t in : qlora_test::kOddSizes) {
       for (int64_t gs : {int64_t{7}, int64_t{32}, int64_t{64}, int64_t{100}}) {
@@ -138,28 +137,7 @@ TEST_CASE("forward of every ISA is within the float32 rounding bound of a float6
             std::vector<float> y(static_cast<size_t>(batch * out), -1.0f);
             forward(view(q, out, in, gs), x.data(), batch, a.data(), b.data(), rank, scaling, bias.data(),
                     y.data());
-            for (int64_t bi = 0; bi < batch; ++bi) {
-              for (int64_t o = 0; o < out; ++o) {
-                double ref = bias[o], mag = std::fabs(bias[o]);
-                for (int64_t c = 0; c < in; ++c) {
-                  ref += double(x[bi * in + c]) * deq[o * in + c];
-                  mag += std::fabs(double(x[bi * in + c]) * deq[o * in + c]);
-                }
-                for (int64_t k = 0; k < rank; ++k) {
-                  double xa = 0.0, xa_mag = 0.0;
-                  for (int64_t c = 0; c < in; ++c) {
-                    xa += double(x[bi * in + c]) * a[k * in + c];
-                    xa_mag += std::fabs(double(x[bi * in + c]) * a[k * in + c]);
-                  }
-                  ref += scaling * xa * b[o * rank + k];
-                  mag += scaling * xa_mag * std::fabs(b[o * rank + k]);
-                }
-                // Each product and partial sum rounds at most once per term (in + rank terms,
-                // plus the scale, scaling and bias operations): |err| <= gamma * sum |terms|.
-                const double bound = double(in + rank + 4) * eps * mag * 1.01 + 1e-30;
-                REQUIRE(std::fabs(double(y[bi * out + o]) - ref) <= bound);
-              }
-            }
+            qlora_test::check_forward_within_bound(y, x, deq, a, b, bias.data(), scaling, batch, out, in, rank);
           }
         }
       }
@@ -277,27 +255,7 @@ TEST_CASE("kernels give the same bits for any row split, with plain and double-q
         p.y = y_split.data();
         for (size_t i = 0; i + 1 < cuts.size(); ++i) t->forward_rows(p, cuts[i], cuts[i + 1]);
         REQUIRE(y_split == y_whole);
-        const double eps = std::ldexp(1.0, -24);
-        for (int64_t bi = 0; bi < batch; ++bi) {
-          for (int64_t o = 0; o < out; ++o) {
-            double ref = bias[o], mag = std::fabs(bias[o]);
-            for (int64_t c = 0; c < in; ++c) {
-              ref += double(x[bi * in + c]) * deq[o * in + c];
-              mag += std::fabs(double(x[bi * in + c]) * deq[o * in + c]);
-            }
-            for (int64_t k = 0; k < rank; ++k) {
-              double xak = 0.0, xak_mag = 0.0;
-              for (int64_t c = 0; c < in; ++c) {
-                xak += double(x[bi * in + c]) * a[k * in + c];
-                xak_mag += std::fabs(double(x[bi * in + c]) * a[k * in + c]);
-              }
-              ref += 0.5 * xak * b[o * rank + k];
-              mag += 0.5 * xak_mag * std::fabs(b[o * rank + k]);
-            }
-            // The same bound as the forward test above.
-            REQUIRE(std::fabs(double(y_whole[bi * out + o]) - ref) <= double(in + rank + 4) * eps * mag * 1.01 + 1e-30);
-          }
-        }
+        qlora_test::check_forward_within_bound(y_whole, x, deq, a, b, bias.data(), 0.5, batch, out, in, rank);
       }
     }
   }

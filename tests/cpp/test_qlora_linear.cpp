@@ -2,7 +2,6 @@
 // arguments with std::invalid_argument.
 #include <catch2/catch.hpp>
 
-#include <cmath>
 #include <vector>
 
 #include "qlora/ops.h"
@@ -24,25 +23,7 @@ TEST_CASE("QLoraLinear forward equals x @ deq(W)^T + scaling * (x @ A^T) @ B^T +
   std::vector<float> deq(out * in), y(batch * out);
   layer.dequantize(deq.data());
   layer.forward(x.data(), batch, y.data());
-  for (int64_t i = 0; i < batch; ++i) {
-    for (int64_t o = 0; o < out; ++o) {
-      double ref = bias[o], mag = std::fabs(bias[o]);
-      for (int64_t c = 0; c < in; ++c) {
-        ref += double(x[i * in + c]) * deq[o * in + c];
-        mag += std::fabs(double(x[i * in + c]) * deq[o * in + c]);
-      }
-      for (int64_t k = 0; k < rank; ++k) {
-        double xa = 0.0, xam = 0.0;
-        for (int64_t c = 0; c < in; ++c) {
-          xa += double(x[i * in + c]) * a[k * in + c];
-          xam += std::fabs(double(x[i * in + c]) * a[k * in + c]);
-        }
-        ref += 0.5 * xa * b[o * rank + k];
-        mag += 0.5 * xam * std::fabs(b[o * rank + k]);
-      }
-      REQUIRE(std::fabs(y[i * out + o] - ref) <= (in + rank + 4) * std::ldexp(1.0, -24) * mag * 1.01);
-    }
-  }
+  qlora_test::check_forward_within_bound(y, x, deq, a, b, bias.data(), 0.5, batch, out, in, rank);
 }
 
 TEST_CASE("QLoraLinear refuses bad sizes") {
