@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from . import _core
-from ._cli_demo import _shape
+from ._cli_args import parse_shape
 from ._layer import QLoraLinear
 from ._runtime import get_num_threads, set_num_threads
 
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the same inputs and thread count; then quantize/dequantize throughput and the calling "
         "overhead of a 64x64 layer. Prints a table; --json writes the same figures.",
     )
-    p.add_argument("--shape", type=_shape, action="append", metavar="OUTxIN",
+    p.add_argument("--shape", type=parse_shape, action="append", metavar="OUTxIN",
                    help="weight shape, repeatable (default 4096x4096 11008x4096 4096x11008 "
                    "14336x4096)")
     p.add_argument("--batch", type=_batch_list, action="append", metavar="B[,B...]",

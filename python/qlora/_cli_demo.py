@@ -7,20 +7,10 @@ import time
 
 import numpy as np
 
+from ._cli_args import parse_shape
 from ._layer import QLoraLinear
 
 __all__ = ["register"]
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        out_s, in_s = text.lower().split("x")
-        shape = (int(out_s), int(in_s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096, got {text!r}") from None
-    if min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
-    return shape
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its fp32 and NF4 sizes, the memory saved, the relative reconstruction error and the "
         "relative error of forward against the fp32 layer on a random batch.",
     )
-    p.add_argument("--shape", type=_shape, default=(4096, 4096), help="OUTxIN (default 4096x4096)")
+    p.add_argument("--shape", type=parse_shape, default=(4096, 4096), help="OUTxIN (default 4096x4096)")
     p.add_argument("--weights", metavar="FILE.npy", help="a 2-D .npy weight instead of random")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
