@@ -27,9 +27,27 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         if c["method"].startswith("qlora"):
             assert 0 < c["rel_diff"] < 0.5  # NF4 rounding, not garbage
     assert data["meta"]["threads"] >= 1
+    assert data["meta"]["cold"] is False
+    assert all(c["copies"] == 1 for c in data["forward"])
     assert data["overhead"]["us_per_call_wall"]["64x64 layer.forward(x)"] > 0
 
 
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--methods", "nope"]) == 2
     assert "--methods must name" in capsys.readouterr().err
+
+
+def test_bench_quick_cold_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "--quick", "--cold", "--methods", "qlora,numpy", "--min-time", "0",
+               "--min-reps", "1", "--json", str(path)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "COLD" in text and "K copies per method" in text
+    data = json.loads(path.read_text())
+    assert data["meta"]["cold"] is True and data["meta"]["llc_bytes"] > 0
+    assert data["forward"]
+    for c in data["forward"]:
+        assert c["copies"] >= 1 and c["median_ms"] > 0
+        if c["method"].startswith("qlora"):
+            assert 0 < c["rel_diff"] < 0.5  # every copy holds the same weight

@@ -6,12 +6,18 @@ Every method of one cell (shape, batch) gets the same float32 input and the same
 minimum number of calls and a minimum time per cell; a scalar-kernel call predicted (from the
 previous batch) to take longer than ``--max-call-seconds`` is skipped and says so. Nothing here
 asserts a speed.
+
+By default ("hot") each method times one weight in a loop, so a weight smaller than the
+last-level cache is read from cache. ``--cold`` gives every method K independent copies of its
+weight, K chosen so the copies exceed twice the last-level cache, and call i uses copy i % K:
+each call then streams its weight from DRAM, as the layers of a real model do.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import math
@@ -77,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "this (default 1)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: " + ", ".join(_METHOD_NAMES))
+    p.add_argument("--cold", action="store_true",
+                   help="give every method enough copies of its weight to exceed 2x the "
+                   "last-level cache and cycle through them, so each call reads its weight "
+                   "from DRAM (default: one weight per method, timed hot)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -157,6 +167,20 @@ class Method:
     # kernel: a baseline's cost is not linear in the batch (bitsandbytes' generic path
     # dequantizes all of W first), so predicting it would skip baselines on a noisy reading.
     may_skip: bool = False
+    # Makes an independent copy of the weight and returns that copy's `prepare` (for --cold).
+    replicate: Callable[[], Callable[[int], Callable[[], np.ndarray]]] | None = None
+    copies: list[Callable[[int], Callable[[], np.ndarray]]] = field(default_factory=list)
+
+    def prepare_cycle(self, batch: int) -> Callable[[], np.ndarray]:
+        """One forward per call on this batch's input, call i on weight copy i % K."""
+        if len(self.copies) <= 1:
+            return self.prepare(batch)
+        fns = [p(batch) for p in self.copies]
+        k = len(fns)
+        # The warm-up call takes copy 0, so the first timed call already reads a copy that
+        # more than a cache's worth of other copies were written after.
+        counter = itertools.count()
+        return lambda: fns[next(counter) % k]()
 
 
 _METHOD_NAMES = ["qlora", "qlora-scalar", "numpy", "torch-fp32", "torch-bf16", "bnb-fp32",
@@ -204,8 +228,8 @@ def _import_optional() -> Optional_:
     return opt
 
 
-def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | None,
-                  nf4_bytes: int, note: str = "") -> Method:
+def _qlora_prepare(layer: QLoraLinear, xs: dict[int, np.ndarray],
+                   isa: str | None) -> Callable[[int], Callable[[], np.ndarray]]:
     def prepare(batch: int) -> Callable[[], np.ndarray]:
         x = xs[batch]
         if isa is None:
@@ -221,8 +245,14 @@ def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa:
 
         return call
 
+    return prepare
+
+
+def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | None,
+                  nf4_bytes: int, note: str = "") -> Method:
     slow = (isa or _core.active_isa()) == "scalar"
-    return Method(name, nf4_bytes, prepare, note, may_skip=slow)
+    return Method(name, nf4_bytes, _qlora_prepare(layer, xs, isa), note, may_skip=slow,
+                  replicate=lambda: _qlora_prepare(copy.deepcopy(layer), xs, isa))
 
 
 def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], opt: Optional_,
@@ -239,7 +269,11 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
     if "qlora-scalar" in wanted and active != "scalar":
         methods.append(_qlora_method("qlora[scalar]", layer, xs, "scalar", nf4_bytes))
     if "numpy" in wanted:
-        methods.append(Method("numpy fp32", 4 * w.size, lambda b: (lambda x=xs[b]: x @ w.T)))
+        def numpy_prep(wc: np.ndarray) -> Callable[[int], Callable[[], np.ndarray]]:
+            return lambda b: (lambda x=xs[b]: x @ wc.T)
+
+        methods.append(Method("numpy fp32", 4 * w.size, numpy_prep(w),
+                              replicate=lambda: numpy_prep(w.copy())))
 
     torch = opt.torch
     if torch is not None and ("torch-fp32" in wanted or "torch-bf16" in wanted):
@@ -247,20 +281,28 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
 
         wt = torch.from_numpy(w)
         if "torch-fp32" in wanted:
-            def prep32(b: int) -> Callable[[], np.ndarray]:
-                xt = torch.from_numpy(xs[b])
-                return lambda: F.linear(xt, wt).numpy()
+            def prep32(wc) -> Callable[[int], Callable[[], np.ndarray]]:
+                def prep(b: int) -> Callable[[], np.ndarray]:
+                    xt = torch.from_numpy(xs[b])
+                    return lambda: F.linear(xt, wc).numpy()
 
-            methods.append(Method("torch fp32", 4 * w.size, prep32))
+                return prep
+
+            methods.append(Method("torch fp32", 4 * w.size, prep32(wt),
+                                  replicate=lambda: prep32(wt.clone())))
         if "torch-bf16" in wanted:
             wb = wt.to(torch.bfloat16)
 
-            def prep16(b: int) -> Callable[[], np.ndarray]:
-                xb = torch.from_numpy(xs[b]).to(torch.bfloat16)
-                return lambda: F.linear(xb, wb)
+            def prep16(wc) -> Callable[[int], Callable[[], np.ndarray]]:
+                def prep(b: int) -> Callable[[], np.ndarray]:
+                    xb = torch.from_numpy(xs[b]).to(torch.bfloat16)
+                    return lambda: F.linear(xb, wc)
 
-            methods.append(Method("torch bf16", 2 * w.size, prep16,
-                                  "input pre-converted to bf16, output left in bf16"))
+                return prep
+
+            methods.append(Method("torch bf16", 2 * w.size, prep16(wb),
+                                  "input pre-converted to bf16, output left in bf16",
+                                  replicate=lambda: prep16(wb.clone())))
 
     bnb = opt.bnb
     if bnb is not None and ("bnb-fp32" in wanted or "bnb-fused" in wanted):
@@ -271,11 +313,17 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
             qw, state = bnb_q
             bytes_ = qw.numel() * qw.element_size() + state.absmax.numel() * 4
 
-            def prep_b32(b: int, qw=qw, state=state) -> Callable[[], np.ndarray]:
-                xt = torch.from_numpy(xs[b])
-                return lambda: bnb.matmul_4bit(xt, qw.t(), state).numpy()
+            def prep_b32(q: tuple) -> Callable[[int], Callable[[], np.ndarray]]:
+                qw, state = q
 
-            methods.append(Method("bnb matmul_4bit fp32", bytes_, prep_b32))
+                def prep(b: int) -> Callable[[], np.ndarray]:
+                    xt = torch.from_numpy(xs[b])
+                    return lambda: bnb.matmul_4bit(xt, qw.t(), state).numpy()
+
+                return prep
+
+            methods.append(Method("bnb matmul_4bit fp32", bytes_, prep_b32(bnb_q),
+                                  replicate=lambda: prep_b32(copy.deepcopy(bnb_q))))
         if "bnb-fused" in wanted:
             reason = opt.bnb_fused_reason or (
                 "" if out_f % 32 == 0 and in_f % 2 == 0
@@ -288,13 +336,101 @@ def _build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray],
                 packed, pstate = bnb.functional._convert_weight_packed_for_cpu(qw, state)
                 bytes_ = packed.numel() + state.absmax.numel() * 2
 
-                def prep_fused(b: int) -> Callable[[], np.ndarray]:
-                    xb = torch.from_numpy(xs[b]).to(torch.bfloat16)
-                    return lambda: bnb.matmul_4bit(xb, packed.t(), pstate)
+                def prep_fused(fq: tuple) -> Callable[[int], Callable[[], np.ndarray]]:
+                    packed, pstate = fq
 
-                methods.append(Method("bnb fused (bf16)", bytes_, prep_fused,
-                                      "gemv_4bit CPU kernel, bf16 activations and absmax"))
+                    def prep(b: int) -> Callable[[], np.ndarray]:
+                        xb = torch.from_numpy(xs[b]).to(torch.bfloat16)
+                        return lambda: bnb.matmul_4bit(xb, packed.t(), pstate)
+
+                    return prep
+
+                fused = (packed, pstate)
+                methods.append(Method("bnb fused (bf16)", bytes_, prep_fused(fused),
+                                      "gemv_4bit CPU kernel, bf16 activations and absmax",
+                                      replicate=lambda: prep_fused(copy.deepcopy(fused))))
     return methods
+
+
+# ---------------------------------------------------------------------------- --cold
+LLC_FALLBACK = 64 * 2**20
+COLD_CACHE_FACTOR = 2  # copies of a method together exceed this many last-level caches
+COLD_MEM_SHARE = 0.4  # of MemTotal, for the copies of all methods of one shape together
+# A tiny weight would need ~10^5 copies; each is a Python object and a setup step, and its call
+# is dominated by fixed cost anyway, so there "cold" stops short of the cache target.
+COLD_MAX_COPIES = 4096
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMGB") or 0) * mult
+
+
+def _llc_bytes() -> tuple[int, str]:
+    """The size of cpu0's highest cache level and where it came from."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    best: tuple[int, int] | None = None
+    try:
+        for entry in sorted(os.listdir(root)):
+            if not entry.startswith("index"):
+                continue
+            d = os.path.join(root, entry)
+            with open(os.path.join(d, "level"), encoding="utf-8") as f:
+                level = int(f.read())
+            with open(os.path.join(d, "size"), encoding="utf-8") as f:
+                size = _parse_size(f.read())
+            if size > 0 and (best is None or (level, size) > best):
+                best = (level, size)
+    except (OSError, ValueError):
+        best = None
+    if best is None:
+        return LLC_FALLBACK, f"fallback: {root} not readable"
+    return best[1], f"L{best[0]} of cpu0, {root}"
+
+
+def _mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class ColdPlan:
+    llc_bytes: int
+    llc_source: str
+    mem_cap_bytes: int | None
+
+
+def _plan_copies(methods: list[Method], plan: ColdPlan) -> tuple[dict[str, int], str]:
+    """K per method (the fewest copies whose bytes exceed COLD_CACHE_FACTOR x LLC), lowered in
+    proportion when all methods' copies together would exceed the memory cap; and a note."""
+    target = COLD_CACHE_FACTOR * plan.llc_bytes
+    ks = {m.name: target // max(m.weight_bytes, 1) + 1 for m in methods}
+    notes = []
+    if max(ks.values()) > COLD_MAX_COPIES:
+        ks = {name: min(k, COLD_MAX_COPIES) for name, k in ks.items()}
+        notes.append(f"K capped at {COLD_MAX_COPIES} copies: the smaller weights' copies stay "
+                     f"under {target / 2**20:.0f} MiB and are partly timed from cache")
+    total = sum(ks[m.name] * m.weight_bytes for m in methods)
+    if plan.mem_cap_bytes is not None and total > plan.mem_cap_bytes:
+        scale = plan.mem_cap_bytes / total
+        ks = {name: max(1, int(k * scale)) for name, k in ks.items()}
+        lowered = sum(ks[m.name] * m.weight_bytes for m in methods)
+        notes.append(f"K lowered: the copies would take {total / 2**30:.1f} GiB, over "
+                     f"{100 * COLD_MEM_SHARE:.0f}% of MemTotal "
+                     f"({plan.mem_cap_bytes / 2**30:.1f} GiB); now {lowered / 2**30:.1f} GiB, "
+                     f"so methods whose copies stay under {target / 2**20:.0f} MiB are partly "
+                     f"timed from cache")
+    return ks, "; ".join(notes)
 
 
 def _to_f64(y: object) -> np.ndarray:
@@ -317,6 +453,7 @@ class Cell:
     rel_diff: float | None
     reps: int
     note: str = ""
+    copies: int = 1  # weight copies the calls cycled through (--cold), 1 when hot
 
 
 @dataclass
@@ -357,6 +494,19 @@ def _header(report: Report, out) -> None:
     else:
         print("  pool   threadpoolctl not installed: NumPy's BLAS threads NOT limited; "
               "pip install threadpoolctl", file=out)
+    if m["cold"]:
+        cap = m["cold_mem_cap_bytes"]
+        print(f"mode     COLD: each method gets K copies of its weight, K the fewest whose bytes "
+              f"exceed {COLD_CACHE_FACTOR}x the last-level cache, and call i uses copy i % K, so "
+              f"each call reads its weight from DRAM; LLC {m['llc_bytes'] / 2**20:.0f} MiB "
+              f"({m['llc_source']}); copies capped at "
+              + (f"{cap / 2**30:.1f} GiB ({100 * COLD_MEM_SHARE:.0f}% of MemTotal)" if cap
+                 else "nothing (MemTotal unknown)")
+              + "; K per method is printed with each shape", file=out)
+    else:
+        print(f"mode     HOT: one weight per method timed in a loop, so a weight smaller than the "
+              f"last-level cache ({m['llc_bytes'] / 2**20:.0f} MiB) is read from cache; "
+              f"--cold streams weights from DRAM as a model's layers do", file=out)
     print(f"timing   median of >= {m['min_reps']} calls and >= {m['min_time']} s per cell after a "
           f"{m['settle']} s pause (other libraries' spinning threads) and one warm-up call; "
           f"scalar-kernel cells predicted over {m['max_call_seconds']} s per call are skipped",
@@ -370,20 +520,22 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
-def _print_cells(cells: list[Cell], out) -> None:
+def _print_cells(cells: list[Cell], out, cold: bool) -> None:
+    k_head = f" {'K':>4}" if cold else ""
     print(f"{'batch':>5}  {'method':<22} {'median ms':>10} {'best ms':>9} {'GFLOP/s':>9} "
-          f"{'wt GB/s':>8} {'vs numpy':>8} {'rel.diff':>8} {'reps':>4}  note", file=out)
+          f"{'wt GB/s':>8} {'vs numpy':>8} {'rel.diff':>8} {'reps':>4}{k_head}  note", file=out)
     for c in cells:
         ratio = "-" if c.vs_numpy is None else f"{c.vs_numpy:.2f}x"
+        k = f" {c.copies:>4}" if cold else ""
         print(f"{c.batch:>5}  {c.method:<22} {_fmt(c.median_ms, '10.3f')} "
               f"{_fmt(c.best_ms, '9.3f')} {_fmt(c.gflops, '9.1f')} {_fmt(c.weight_gbs, '8.2f')} "
               f"{ratio:>8} "
-              f"{_fmt(c.rel_diff, '8.1e')} {c.reps:>4}  {c.note}", file=out)
+              f"{_fmt(c.rel_diff, '8.1e')} {c.reps:>4}{k}  {c.note}", file=out)
 
 
 def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Namespace,
                  budget: Budget, opt: Optional_, wanted: list[str], report: Report,
-                 rng: np.random.Generator, out) -> None:
+                 rng: np.random.Generator, out, cold: ColdPlan | None = None) -> None:
     shape = f"{out_f}x{in_f}"
     w = rng.normal(0.0, 0.02, size=(out_f, in_f)).astype(np.float32)
 
@@ -430,10 +582,20 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
     notes: dict[str, str] = {}
     methods = _build_methods(w, layer, xs, opt, wanted, notes, bnb_q)
     nf4_bytes = 4 * w.size - layer.memory_saved_bytes()
-    print(f"\n== forward {shape} (out x in), rank {args.rank}, group {GROUP_SIZE}: fp32 weight "
-          f"{w.nbytes / 2**20:.1f} MiB, nf4 {nf4_bytes / 2**20:.1f} MiB", file=out)
+    mode = "COLD (weights from DRAM)" if cold else "HOT (one weight per method, looped)"
+    print(f"\n== forward {shape} (out x in), rank {args.rank}, group {GROUP_SIZE}, {mode}: fp32 "
+          f"weight {w.nbytes / 2**20:.1f} MiB, nf4 {nf4_bytes / 2**20:.1f} MiB", file=out)
     for name, why in notes.items():
         print(f"   {name}: not run: {why}", file=out)
+    if cold is not None:
+        ks, k_note = _plan_copies(methods, cold)
+        for m in methods:
+            m.copies = [m.prepare] + [m.replicate() for _ in range(ks[m.name] - 1)]
+        print("   cold: K copies per method: " + ", ".join(
+            f"{m.name} {ks[m.name]} ({ks[m.name] * m.weight_bytes / 2**20:.0f} MiB)"
+            for m in methods), file=out)
+        if k_note:
+            print(f"   cold: {k_note}", file=out)
     last: dict[str, tuple[int, float]] = {}
     cells: list[Cell] = []
     for b in batches:
@@ -449,9 +611,10 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
                 if predicted > budget.max_call_seconds:
                     row.append(Cell(shape, b, m.name, None, None, None, None, None, None, 0,
                                     f"skipped: ~{predicted:.1f} s/call predicted "
-                                    f"(--max-call-seconds {budget.max_call_seconds:g})"))
+                                    f"(--max-call-seconds {budget.max_call_seconds:g})",
+                                    copies=max(1, len(m.copies))))
                     continue
-            fn = m.prepare(b)
+            fn = m.prepare_cycle(b)
             times, y = _measure(fn, budget)
             med = statistics.median(times)
             last[m.name] = (b, med)
@@ -462,7 +625,8 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             if len(times) < budget.min_reps:
                 note = (note + "; " if note else "") + f"slow: only {len(times)} timed calls"
             row.append(Cell(shape, b, m.name, med * 1e3, min(times) * 1e3, flops / med / 1e9,
-                            m.weight_bytes / med / 1e9, None, None, len(times), note))
+                            m.weight_bytes / med / 1e9, None, None, len(times), note,
+                            copies=max(1, len(m.copies))))
             ys[m.name] = y64
         for c in row:
             y64 = ys.get(c.method)
@@ -473,7 +637,7 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             if numpy_ms is not None and c.median_ms is not None:
                 c.vs_numpy = numpy_ms / c.median_ms
         cells.extend(row)
-    _print_cells(cells, out)
+    _print_cells(cells, out, cold is not None)
     report.forward.extend(cells)
 
 
@@ -561,6 +725,10 @@ def run(args: argparse.Namespace, out=None) -> int:
     except ImportError:
         limiter = None
 
+    llc, llc_source = _llc_bytes()
+    mem_total = _mem_total_bytes()
+    cold = ColdPlan(llc, llc_source, None if mem_total is None
+                    else int(COLD_MEM_SHARE * mem_total)) if args.cold else None
     report = Report()
     report.meta = {
         "qlora_version": _core.__version__,
@@ -586,6 +754,11 @@ def run(args: argparse.Namespace, out=None) -> int:
         "min_time": budget.min_time,
         "max_call_seconds": budget.max_call_seconds,
         "settle": budget.settle,
+        "cold": bool(args.cold),
+        "llc_bytes": llc,
+        "llc_source": llc_source,
+        "cold_cache_factor": COLD_CACHE_FACTOR if args.cold else None,
+        "cold_mem_cap_bytes": None if cold is None else cold.mem_cap_bytes,
         "argv": sys.argv,
     }
     for reason in (opt.torch_reason, opt.bnb_reason):
@@ -609,7 +782,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     rng = np.random.default_rng(args.seed)
     try:
         for o, i in shapes:
-            _bench_shape(o, i, batches, args, budget, opt, wanted, report, rng, out)
+            _bench_shape(o, i, batches, args, budget, opt, wanted, report, rng, out, cold)
             out.flush()
         print("\n== quantize / dequantize throughput (GB/s of fp32 weight)", file=out)
         print(f"{'shape':>11}  {'op':<36} {'median ms':>10} {'GB/s':>7} {'reps':>4}", file=out)
