@@ -18,22 +18,7 @@ namespace kernels {
 namespace avx2 {
 namespace {
 
-// Baseline helpers, outside the target region: a library template instantiated inside it could
-// be merged by the linker with the baseline instantiation of another file.
-// Scratch rows are 64-byte aligned: a full-width access that straddles two cache lines costs
-// two, and the GEMM panel is stored and loaded a full line at a time.
-float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buffers[3];
-  std::vector<float>& b = buffers[slot];
-  if (b.size() < n + 16) b.resize(n + 16);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(b.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
-}
-constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-constexpr int64_t imax(int64_t a, int64_t b) { return a < b ? b : a; }
-// std::max(a, b) for floats, with its NaN behaviour.
-constexpr float fmaxf_(float a, float b) { return a < b ? b : a; }
-constexpr float midpoint(int i) { return (kNf4Codebook[i] + kNf4Codebook[i + 1]) * 0.5f; }
+#include "x86_baseline_inl.h"  // into this ISA's namespace, see the header
 
 // Decision thresholds of nearest_nf4(), in code order.
 constexpr float kMidpoints[15] = {
