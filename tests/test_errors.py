@@ -468,3 +468,14 @@ def test_layer_too_large_is_an_error_not_a_crash(shape):
     w = np.broadcast_to(np.uint8(1), shape)
     with pytest.raises((MemoryError, ValueError)):
         QLoraLinear.from_weight(w, rank=1)
+
+
+@pytest.mark.parametrize("dtype, shape, exc", [
+    (np.uint8, (2**31, 2**31), ValueError),     # as float32, more bytes than NumPy can address
+    (np.float64, (2**20, 2**20), MemoryError),  # addressable, but 4 TiB
+])
+def test_weight_too_large_to_convert_names_the_argument(dtype, shape, exc):
+    # A broadcast view costs nothing; converting it to a float32 array cannot be done.
+    huge = np.broadcast_to(dtype(1), shape)
+    with pytest.raises(exc, match=r"weight of shape"):
+        QLoraLinear.from_weight(huge, rank=1)

@@ -47,7 +47,15 @@ def as_float32(value: object, name: str, *, ndim: int | None = None) -> np.ndarr
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D with shape {arr.shape}")
     # Not np.ascontiguousarray: it turns a 0-d array into shape (1,), hiding a 0-d input.
-    return np.asarray(arr, dtype=np.float32, order="C")
+    try:
+        return np.asarray(arr, dtype=np.float32, order="C")
+    except MemoryError:
+        raise MemoryError(
+            f"{name} of shape {arr.shape} is too large to convert to float32 "
+            f"({arr.size * 4:,} bytes)"
+        ) from None
+    except ValueError as exc:  # NumPy refuses sizes it cannot even index
+        raise ValueError(f"{name} of shape {arr.shape} is too large: {exc}") from None
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
