@@ -61,14 +61,7 @@ Quantized quantize_with(const std::string& isa, const std::vector<float>& w, int
 }
 
 Nf4Weight view(const Quantized& q, int64_t out, int64_t in, int64_t gs) {
-  Nf4Weight v;
-  v.codes = q.codes.data();
-  v.scales = q.absmax.data();
-  v.out_features = out;
-  v.in_features = in;
-  v.group_size = gs;
-  v.num_groups = static_cast<int64_t>(q.absmax.size());
-  return v;
+  return qlora_test::plain_view(q.codes, q.absmax, out, in, gs);
 }
 
 struct IsaGuard {
@@ -205,13 +198,7 @@ TEST_CASE("kernels give the same bits for any row split, with plain and double-q
   for (int i = 0; i < 256; ++i) nested_map[static_cast<size_t>(i)] = (static_cast<float>(i) - 127.0f) / 128.0f;
   for (size_t i = 0; i < nested_scales.size(); ++i) nested_scales[i] = 0.3f + 0.1f * static_cast<float>(i);
 
-  Nf4Weight plain;
-  plain.codes = codes.data();
-  plain.scales = absmax.data();
-  plain.out_features = out;
-  plain.in_features = in;
-  plain.group_size = gs;
-  plain.num_groups = groups;
+  const Nf4Weight plain = qlora_test::plain_view(codes, absmax, out, in, gs);
   Nf4Weight nested = plain;
   nested.scales = nullptr;
   nested.qscales = qscales.data();

@@ -43,13 +43,7 @@ TEST_CASE("forward is bit-identical for any thread count and under concurrent ca
   std::vector<uint8_t> codes(static_cast<size_t>(packed_bytes(out, in)));
   std::vector<float> absmax(static_cast<size_t>(group_count(out * in, gs)));
   quantize_nf4(w.data(), out, in, gs, codes.data(), absmax.data());
-  Nf4Weight v;
-  v.codes = codes.data();
-  v.scales = absmax.data();
-  v.out_features = out;
-  v.in_features = in;
-  v.group_size = gs;
-  v.num_groups = static_cast<int64_t>(absmax.size());
+  const Nf4Weight v = qlora_test::plain_view(codes, absmax, out, in, gs);
   auto run = [&] {
     std::vector<float> y(static_cast<size_t>(batch * out));
     forward(v, x.data(), batch, a.data(), b.data(), rank, 0.5f, nullptr, y.data());

@@ -25,6 +25,19 @@ inline std::vector<float> normal_vector(size_t n, uint32_t seed, float sigma = 1
   return v;
 }
 
+// A view of a weight with plain float32 scales over caller-owned buffers.
+inline qlora::Nf4Weight plain_view(const std::vector<uint8_t>& codes, const std::vector<float>& absmax,
+                                   int64_t out, int64_t in, int64_t gs) {
+  qlora::Nf4Weight v;
+  v.codes = codes.data();
+  v.scales = absmax.data();
+  v.out_features = out;
+  v.in_features = in;
+  v.group_size = gs;
+  v.num_groups = static_cast<int64_t>(absmax.size());
+  return v;
+}
+
 inline std::vector<const qlora::KernelTable*> runnable_tables() {
   std::vector<const qlora::KernelTable*> out;
   for (const auto& name : qlora::available_isas()) out.push_back(&qlora::kernels_by_name(name));
