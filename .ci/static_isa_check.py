@@ -7,12 +7,15 @@ functions of the ISA namespaces.
 Disassembles the shared object (``objdump -d --no-show-raw-insn -C``) and classifies every
 instruction:
 
+- ``amx``: a tile instruction (ldtilecfg, tileloadd, tdpbf16ps, ...).
 - ``avx512``: uses a zmm register, an opmask register (%k0-%k7), xmm/ymm 16-31, a mask
-  instruction (kmovw, kortestw, ...) or an EVEX-only mnemonic (vpternlogd, vpermt2ps, ...);
-  allowed only in ``qlora::kernels::avx512``.
+  instruction (kmovw, kortestw, ...) or an EVEX-only mnemonic (vpternlogd, vpermt2ps, ...).
 - ``avx2``: any other VEX instruction (every ``v...`` mnemonic but the VMX ones, ymm registers,
-  FMA, F16C), or BMI1/BMI2 (andn, shlx, pdep, ...): allowed in ``qlora::kernels::avx2`` and
-  ``qlora::kernels::avx512``.
+  FMA, F16C), or BMI1/BMI2 (andn, shlx, pdep, ...).
+
+Which namespaces may use which level comes from csrc/include/qlora/isa_list.h (each ISA's
+instruction class: an ``amx`` ISA may use all three levels, ``avx512`` the last two, ``avx2``
+the last one, ``none`` nothing).
 
 A function belongs to a namespace when its qualified name (return type and parameter list
 removed) starts with it; lambdas, local classes, anonymous-namespace helpers, template
@@ -33,10 +36,28 @@ import subprocess
 import sys
 from collections import defaultdict
 
-ALLOWED = {
-    "avx2": ("qlora::kernels::avx2::", "qlora::kernels::avx512::"),
-    "avx512": ("qlora::kernels::avx512::",),
-}
+# Which instruction classes each ISA class of csrc/include/qlora/isa_list.h may contain.
+_CLASS_LEVELS = {"amx": {"amx", "avx512", "avx2"}, "avx512": {"avx512", "avx2"},
+                 "avx2": {"avx2"}, "none": set()}
+_ISA_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc", "include",
+                         "qlora", "isa_list.h")
+
+
+def allowed_namespaces(isa_list: str = _ISA_LIST) -> dict[str, tuple[str, ...]]:
+    """For each instruction level, the namespaces allowed to use it, from the ISA list
+    (lines ``X(name, class)``), so a new ISA needs no change here."""
+    with open(isa_list, encoding="utf-8") as f:
+        entries = re.findall(r"X\((\w+),\s*(\w+)\)", f.read())
+    if not entries:
+        raise SystemExit(f"error: no X(name, class) entries in {isa_list}")
+    allowed: dict[str, list[str]] = defaultdict(list)
+    for name, cls in entries:
+        for level in _CLASS_LEVELS[cls]:
+            allowed[level].append(f"qlora::kernels::{name}::")
+    return {level: tuple(v) for level, v in allowed.items()}
+
+
+ALLOWED = allowed_namespaces()
 
 _FUNC = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 _INSN = re.compile(r"^\s+([0-9a-f]+):\s+(.*)$")
@@ -57,10 +78,13 @@ _AVX512_MNEMONIC = re.compile(
     r"vbroadcast[fi](32x[248]|64x[24])|vmovdq[au](8|16|32|64)|vpcmpu?[bwdq]\b|vpmovw2m|vptestn?m)"
 )
 _YMM = re.compile(r"%ymm\d+")
+_AMX_MNEMONIC = re.compile(r"^(ldtilecfg|sttilecfg|tilerelease|tilezero|tileloadd|tileloaddt1|"
+                           r"tilestored|tdpbf16ps|tdpfp16ps|tdpb[su][su]d)")
 
 
 def classify(text: str) -> str | None:
-    """'avx512', 'avx2' or None (baseline) for one disassembled instruction (AT&T syntax)."""
+    """'amx', 'avx512', 'avx2' or None (baseline) for one disassembled instruction (AT&T
+    syntax)."""
     parts = text.split()
     if not parts:
         return None
@@ -72,6 +96,8 @@ def classify(text: str) -> str | None:
         return None
     mnemonic = parts[i]
     operands = " ".join(parts[i + 1:]).split("#")[0]
+    if _AMX_MNEMONIC.match(mnemonic):
+        return "amx"
     if _AVX512_REG.search(operands) or _AVX512_MNEMONIC.match(mnemonic):
         return "avx512"
     if mnemonic.startswith("{evex}") or mnemonic.startswith("{vex}"):
@@ -161,7 +187,7 @@ def check(path: str, verbose: bool = False) -> int:
     for f, levels in hits.items():
         name = qualified_name(f)
         for level, insns in levels.items():
-            if name.startswith(ALLOWED[level]):
+            if name.startswith(ALLOWED.get(level, ())):
                 ok[name.split("::")[2]] += 1
             else:
                 bad.append((f, level, insns))
@@ -178,7 +204,7 @@ def check(path: str, verbose: bool = False) -> int:
     print(f"static ISA check FAILED: {len(bad)} function/level pair(s) outside the allowed ISA namespaces "
           "use AVX-class instructions (SIGILL on CPUs without them):", file=sys.stderr)
     for f, level, insns in sorted(bad):
-        allowed = " or ".join(a.rstrip(":") for a in ALLOWED[level])
+        allowed = " or ".join(a.rstrip(":") for a in ALLOWED.get(level, ())) or "no namespace"
         print(f"  [{level}] {f}\n      {len(insns)} instruction(s), allowed only in {allowed}; "
               f"first: {insns[0]}", file=sys.stderr)
     return 1

@@ -108,48 +108,189 @@ void dequantize_nf4(const Nf4Weight& w, float* out) {
   });
 }
 
-void forward(const Nf4Weight& w, const float* x, int64_t batch, const float* a, const float* b,
-             int64_t rank, float scaling, const float* bias, float* y) {
+namespace {
+
+// Rows [lo, hi) of a segment's list that fall in batch rows [b0, b1).
+std::pair<int64_t, int64_t> rows_in(const LoraSegment& s, int64_t b0, int64_t b1) {
+  if (s.rows == nullptr) return {b0, b1};
+  const int64_t* end = s.rows + s.n_rows;
+  return {std::lower_bound(s.rows, end, b0) - s.rows, std::lower_bound(s.rows, end, b1) - s.rows};
+}
+
+void check_segment(const LoraSegment& s, int64_t batch, int64_t i) {
+  const std::string which = "LoRA segment " + std::to_string(i);
+  QLORA_REQUIRE(s.rank >= 0, which + ": rank must be >= 0, got " + std::to_string(s.rank));
+  if (s.rank == 0) return;
+  QLORA_REQUIRE(s.a != nullptr && s.b != nullptr, which + ": rank > 0 needs A and B");
+  if (s.rows == nullptr) return;
+  QLORA_REQUIRE(s.n_rows >= 0 && s.n_rows <= batch,
+                which + ": n_rows must be in [0, " + std::to_string(batch) + "], got " +
+                    std::to_string(s.n_rows));
+  for (int64_t j = 0; j < s.n_rows; ++j) {
+    QLORA_REQUIRE(s.rows[j] >= 0 && s.rows[j] < batch && (j == 0 || s.rows[j] > s.rows[j - 1]),
+                  which + ": rows must be strictly ascending in [0, " + std::to_string(batch) +
+                      "), got " + std::to_string(s.rows[j]) + " at position " + std::to_string(j));
+  }
+}
+
+}  // namespace
+
+GemmChoice forward(const Nf4Weight& w, const float* x, int64_t batch, const LoraSegment* loras,
+                   int64_t n_loras, const float* bias, float* y, const ForwardOptions& opts) {
   validate_weight(w);
   QLORA_REQUIRE(batch >= 0, "batch must be >= 0, got " + std::to_string(batch));
-  QLORA_REQUIRE(rank >= 0, "rank must be >= 0, got " + std::to_string(rank));
-  if (batch == 0) return;
+  QLORA_REQUIRE(n_loras >= 0 && (n_loras == 0 || loras != nullptr), "forward: bad LoRA segments");
+  for (int64_t i = 0; i < n_loras; ++i) check_segment(loras[i], batch, i);
+  const int64_t first_chunk = std::min(batch, kBatchChunk);
+  if (batch == 0) return choose_gemm(opts.precision, 1, w, opts.table);
   QLORA_REQUIRE(x != nullptr && y != nullptr, "forward: null x or y");
-  QLORA_REQUIRE(rank == 0 || (a != nullptr && b != nullptr), "forward: rank > 0 needs A and B");
   checked_mul(batch, w.in_features, "batch * in_features");
   checked_mul(batch, w.out_features, "batch * out_features");
+  const int64_t cols = padded_cols(w.in_features);
+  checked_mul(batch, cols, "batch * padded in_features");
   const KernelTable& k = active_kernels();
 
-  std::vector<float> xa;
-  if (rank > 0) {
-    xa.resize(static_cast<size_t>(checked_mul(batch, rank, "batch * rank")));
-    const int64_t work = checked_mul(rank, w.in_features, "rank * in_features");
-    const int64_t bper = chunk_units(batch, work, 1);
-    parallel_for((batch + bper - 1) / bper, [&](int64_t t) {
-      const int64_t b0 = t * bper, b1 = std::min(batch, b0 + bper);
-      k.lora_down(x, w.in_features, a, rank, b0, b1, xa.data());
+  // The down projection u = x_r @ A^T of every segment, on the rows it covers. Rows that are one
+  // contiguous run are read in place; scattered rows are gathered first.
+  std::vector<std::vector<float>> u(static_cast<size_t>(n_loras));
+  for (int64_t i = 0; i < n_loras; ++i) {
+    const LoraSegment& s = loras[i];
+    const int64_t n = s.rows == nullptr ? batch : s.n_rows;
+    if (s.rank == 0 || n == 0) continue;
+    std::vector<float>& ui = u[static_cast<size_t>(i)];
+    ui.resize(static_cast<size_t>(checked_mul(n, s.rank, "rows * rank")));
+    const float* xs = x;
+    std::vector<float> gathered;
+    if (s.rows != nullptr) {
+      if (s.rows[n - 1] - s.rows[0] == n - 1) {
+        xs = x + s.rows[0] * w.in_features;
+      } else {
+        gathered.resize(static_cast<size_t>(n * w.in_features));
+        for (int64_t j = 0; j < n; ++j) {
+          std::copy(x + s.rows[j] * w.in_features, x + (s.rows[j] + 1) * w.in_features,
+                    gathered.begin() + j * w.in_features);
+        }
+        xs = gathered.data();
+      }
+    }
+    const int64_t work = checked_mul(s.rank, w.in_features, "rank * in_features");
+    const int64_t bper = chunk_units(n, work, 1);
+    parallel_for((n + bper - 1) / bper, [&](int64_t t) {
+      const int64_t b0 = t * bper, b1 = std::min(n, b0 + bper);
+      k.lora_down(xs, w.in_features, s.a, s.rank, b0, b1, ui.data());
     });
   }
 
+  // The product kernel of each batch chunk, then the activations in the forms they need.
   const int64_t chunks = (batch + kBatchChunk - 1) / kBatchChunk;
-  const int64_t work_per_row = std::min(batch, kBatchChunk) * w.in_features;
-  const int64_t rper = chunk_units(w.out_features, work_per_row, std::max<int64_t>(k.row_block, 1));
-  const int64_t row_tasks = (w.out_features + rper - 1) / rper;
-  parallel_for(row_tasks * chunks, [&](int64_t t) {
-    const int64_t c = t / row_tasks, rt = t % row_tasks;
-    const int64_t b0 = c * kBatchChunk;
+  std::vector<GemmChoice> choice(static_cast<size_t>(chunks));
+  bool need_bf16 = false, need_q8 = false;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t nb = std::min(kBatchChunk, batch - c * kBatchChunk);
+    choice[static_cast<size_t>(c)] = choose_gemm(opts.precision, nb, w, opts.table);
+    need_bf16 = need_bf16 || choice[static_cast<size_t>(c)].precision == Precision::kBf16;
+    need_q8 = need_q8 || choice[static_cast<size_t>(c)].precision == Precision::kInt8;
+  }
+  std::vector<uint16_t> x_bf16;
+  std::vector<int8_t> x_q8;
+  std::vector<float> x_q8_scale;
+  std::vector<int32_t> x_q8_sum;
+  const int64_t blocks = cols / kQ8Block;
+  const int64_t xper = chunk_units(batch, cols, 1);
+  if (need_bf16) {
+    x_bf16.resize(static_cast<size_t>(batch * cols));
+    parallel_for((batch + xper - 1) / xper, [&](int64_t t) {
+      const int64_t b0 = t * xper, b1 = std::min(batch, b0 + xper);
+      k.pack_bf16(x, w.in_features, b0, b1, x_bf16.data());
+    });
+  }
+  if (need_q8) {
+    x_q8.resize(static_cast<size_t>(batch * cols));
+    x_q8_scale.resize(static_cast<size_t>(batch * blocks));
+    x_q8_sum.resize(static_cast<size_t>(batch * blocks));
+    parallel_for((batch + xper - 1) / xper, [&](int64_t t) {
+      const int64_t b0 = t * xper, b1 = std::min(batch, b0 + xper);
+      k.quantize_q8(x, w.in_features, b0, b1, x_q8.data(), x_q8_scale.data(), x_q8_sum.data());
+    });
+  }
+
+  // Tasks: (chunk, output-row range), each range a multiple of its kernel's row_block.
+  struct Task {
+    int64_t chunk, r0, r1;
+  };
+  std::vector<Task> tasks;
+  const int64_t work_per_row = first_chunk * w.in_features;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t rb = std::max<int64_t>(choice[static_cast<size_t>(c)].kernel.row_block, 1);
+    const int64_t rper = chunk_units(w.out_features, work_per_row, rb);
+    for (int64_t r0 = 0; r0 < w.out_features; r0 += rper) {
+      tasks.push_back({c, r0, std::min(w.out_features, r0 + rper)});
+    }
+  }
+  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+    const Task& task = tasks[static_cast<size_t>(t)];
+    const int64_t b0 = task.chunk * kBatchChunk;
+    const int64_t nb = std::min(kBatchChunk, batch - b0);
     ForwardArgs p;
     p.w = w;
     p.x = x + b0 * w.in_features;
-    p.batch = std::min(kBatchChunk, batch - b0);
-    p.xa = rank > 0 ? xa.data() + b0 * rank : nullptr;
-    p.lora_b = b;
-    p.rank = rank;
-    p.scaling = scaling;
+    p.batch = nb;
+    if (!x_bf16.empty()) p.x_bf16 = x_bf16.data() + b0 * cols;
+    if (!x_q8.empty()) {
+      p.x_q8 = x_q8.data() + b0 * cols;
+      p.x_q8_scale = x_q8_scale.data() + b0 * blocks;
+      p.x_q8_sum = x_q8_sum.data() + b0 * blocks;
+    }
     p.bias = bias;
     p.y = y + b0 * w.out_features;
-    const int64_t r0 = rt * rper, r1 = std::min(w.out_features, r0 + rper);
-    k.forward_rows(p, r0, r1);
+    choice[static_cast<size_t>(task.chunk)].kernel.fn(p, task.r0, task.r1);
+    // The LoRA terms of this chunk's rows, for the same output rows, while y is in cache.
+    for (int64_t i = 0; i < n_loras; ++i) {
+      const LoraSegment& s = loras[i];
+      if (s.rank == 0 || u[static_cast<size_t>(i)].empty()) continue;
+      const auto [lo, hi] = rows_in(s, b0, b0 + nb);
+      if (hi <= lo) continue;
+      k.lora_up(u[static_cast<size_t>(i)].data() + lo * s.rank, s.rank, s.b, s.scaling,
+                s.row_scale != nullptr ? s.row_scale + lo : nullptr,
+                s.rows != nullptr ? s.rows + lo : nullptr, hi - lo, w.out_features, task.r0,
+                task.r1, s.rows != nullptr ? y : y + lo * w.out_features);
+    }
+  });
+  return choice.front();
+}
+
+void forward(const Nf4Weight& w, const float* x, int64_t batch, const float* a, const float* b,
+             int64_t rank, float scaling, const float* bias, float* y) {
+  LoraSegment s;
+  s.a = a;
+  s.b = b;
+  s.rank = rank;
+  s.scaling = scaling;
+  forward(w, x, batch, &s, rank > 0 ? 1 : 0, bias, y);
+}
+
+void gemm_nf4t(const Nf4Weight& w, const float* g, int64_t batch, float* dx) {
+  validate_weight(w);
+  QLORA_REQUIRE(batch >= 0, "batch must be >= 0, got " + std::to_string(batch));
+  if (batch == 0) return;
+  QLORA_REQUIRE(g != nullptr && dx != nullptr, "gemm_nf4t: null g or dx");
+  checked_mul(batch, w.in_features, "batch * in_features");
+  checked_mul(batch, w.out_features, "batch * out_features");
+  const KernelTable& k = active_kernels();
+  const int64_t chunks = (batch + kBatchChunk - 1) / kBatchChunk;
+  const int64_t work_per_col = std::min(batch, kBatchChunk) * w.out_features;
+  const int64_t cper = chunk_units(w.in_features, work_per_col, std::max<int64_t>(k.col_block, 1));
+  const int64_t col_tasks = (w.in_features + cper - 1) / cper;
+  parallel_for(col_tasks * chunks, [&](int64_t t) {
+    const int64_t c = t / col_tasks, ct = t % col_tasks;
+    const int64_t b0 = c * kBatchChunk;
+    TransposedArgs p;
+    p.w = w;
+    p.g = g + b0 * w.out_features;
+    p.batch = std::min(kBatchChunk, batch - b0);
+    p.dx = dx + b0 * w.in_features;
+    const int64_t c0 = ct * cper, c1 = std::min(w.in_features, c0 + cper);
+    k.gemm_nf4t_f32(p, c0, c1);
   });
 }
 

@@ -566,14 +566,24 @@ void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
-const KernelTable kTable = {
-    "neon",    kFeatureNeon, group_absmax, quantize_rows, dequantize_rows,
-    lora_down, forward_rows, kTileRows,
-};
+KernelTable make_kernel_table() {
+  KernelTable t;
+  t.name = "neon";
+  t.required_features = kFeatureNeon;
+  t.group_absmax = group_absmax;
+  t.quantize_rows = quantize_rows;
+  t.dequantize_rows = dequantize_rows;
+  t.lora_down = lora_down;
+  t.gemm_nf4_f32 = {forward_rows, kTileRows, 1};
+  return t;
+}
 
 }  // namespace
 
-const KernelTable* table() { return &kTable; }
+const KernelTable* table() {
+  static const KernelTable t = make_kernel_table();
+  return &t;
+}
 
 }  // namespace neon
 }  // namespace kernels

@@ -54,7 +54,7 @@ constexpr int64_t kSmallBatch = 0;
 constexpr int64_t kSmallBatchTile = 1;
 constexpr int kSmallRows = 1;
 
-struct F16 {
+struct F32x16 {
   __m256 a, b;  // lanes 0-7, 8-15
 };
 
@@ -63,44 +63,44 @@ QLORA_VEC_INLINE void first_n(int n, __m256i& ma, __m256i& mb) {
   ma = _mm256_cmpgt_epi32(nn, _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneIndex)));
   mb = _mm256_cmpgt_epi32(nn, _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneIndex + 8)));
 }
-QLORA_VEC_INLINE F16 f_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-QLORA_VEC_INLINE F16 f_set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-QLORA_VEC_INLINE F16 f_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+QLORA_VEC_INLINE F32x16 f_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+QLORA_VEC_INLINE F32x16 f_set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+QLORA_VEC_INLINE F32x16 f_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 // Masked loads and stores never touch the lanes past n, so no read or write leaves the buffer.
-QLORA_VEC_INLINE F16 f_loadn(const float* p, int n) {
+QLORA_VEC_INLINE F32x16 f_loadn(const float* p, int n) {
   __m256i ma, mb;
   first_n(n, ma, mb);
   return {_mm256_maskload_ps(p, ma), _mm256_maskload_ps(p + 8, mb)};
 }
-QLORA_VEC_INLINE void f_store(float* p, F16 x) {
+QLORA_VEC_INLINE void f_store(float* p, F32x16 x) {
   _mm256_storeu_ps(p, x.a);
   _mm256_storeu_ps(p + 8, x.b);
 }
-QLORA_VEC_INLINE void f_storen(float* p, F16 x, int n) {
+QLORA_VEC_INLINE void f_storen(float* p, F32x16 x, int n) {
   __m256i ma, mb;
   first_n(n, ma, mb);
   _mm256_maskstore_ps(p, ma, x.a);
   _mm256_maskstore_ps(p + 8, mb, x.b);
 }
-QLORA_VEC_INLINE F16 f_fma(F16 x, F16 y, F16 z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
-QLORA_VEC_INLINE F16 f_add(F16 x, F16 y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
-QLORA_VEC_INLINE F16 f_mul(F16 x, F16 y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
-QLORA_VEC_INLINE F16 f_div(F16 x, F16 y) { return {_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)}; }
+QLORA_VEC_INLINE F32x16 f_fma(F32x16 x, F32x16 y, F32x16 z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+QLORA_VEC_INLINE F32x16 f_add(F32x16 x, F32x16 y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+QLORA_VEC_INLINE F32x16 f_mul(F32x16 x, F32x16 y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+QLORA_VEC_INLINE F32x16 f_div(F32x16 x, F32x16 y) { return {_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)}; }
 // max/min return the second operand when either is NaN; callers order operands for that.
-QLORA_VEC_INLINE F16 f_max(F16 x, F16 y) { return {_mm256_max_ps(x.a, y.a), _mm256_max_ps(x.b, y.b)}; }
-QLORA_VEC_INLINE F16 f_min(F16 x, F16 y) { return {_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)}; }
-QLORA_VEC_INLINE F16 f_abs(F16 x) {
+QLORA_VEC_INLINE F32x16 f_max(F32x16 x, F32x16 y) { return {_mm256_max_ps(x.a, y.a), _mm256_max_ps(x.b, y.b)}; }
+QLORA_VEC_INLINE F32x16 f_min(F32x16 x, F32x16 y) { return {_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)}; }
+QLORA_VEC_INLINE F32x16 f_abs(F32x16 x) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   return {_mm256_andnot_ps(sign, x.a), _mm256_andnot_ps(sign, x.b)};
 }
-QLORA_VEC_INLINE float f_reduce_add(F16 x) {
+QLORA_VEC_INLINE float f_reduce_add(F32x16 x) {
   const __m256 s = _mm256_add_ps(x.a, x.b);
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
   return _mm_cvtss_f32(q);
 }
-QLORA_VEC_INLINE float f_reduce_max(F16 x) {
+QLORA_VEC_INLINE float f_reduce_max(F32x16 x) {
   const __m256 s = _mm256_max_ps(x.a, x.b);
   __m128 q = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   q = _mm_max_ps(q, _mm_movehl_ps(q, q));
@@ -120,14 +120,14 @@ QLORA_VEC_INLINE __m256 lookup(const Nf4Table& tab, __m256i idx) {
   const __m256 hi = _mm256_permutevar8x32_ps(tab.hi, idx);
   return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
-QLORA_VEC_INLINE void decode_block(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+QLORA_VEC_INLINE void decode_block(const Nf4Table& tab, const uint8_t* p, F32x16& d0, F32x16& d1) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m256i i0 = _mm256_cvtepu8_epi32(bytes);
   const __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
   d0 = {lookup(tab, i0), lookup(tab, i1)};
   d1 = {lookup(tab, _mm256_srli_epi32(i0, 4)), lookup(tab, _mm256_srli_epi32(i1, 4))};
 }
-QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half) {
+QLORA_VEC_INLINE F32x16 decode_half(const Nf4Table& tab, const uint8_t* p, int half) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   __m256i i0 = _mm256_cvtepu8_epi32(bytes);
   __m256i i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
@@ -140,14 +140,14 @@ QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half
 
 // The batch-1 decode and its x order: the plain ones here (16 registers leave no room for the
 // AVX-512 file's lane trick, and vpermps is not the only port-5 user anyway).
-QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F32x16& d0, F32x16& d1) {
   decode_block(tab, p, d0, d1);
 }
 QLORA_VEC_INLINE const float* gemv_x(const float* x, int64_t, float*) { return x; }
 
 // The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).
 template <int S>
-QLORA_VEC_INLINE F16 lookup_bits(const Nf4Table& tab, F16 bits) {
+QLORA_VEC_INLINE F32x16 lookup_bits(const Nf4Table& tab, F32x16 bits) {
   __m256i a = _mm256_castps_si256(bits.a), b = _mm256_castps_si256(bits.b);
   if constexpr (S != 0) {
     a = _mm256_srli_epi32(a, S);
@@ -164,7 +164,7 @@ QLORA_VEC_INLINE __m256i nearest_codes(__m256 v) {
   }
   return c;
 }
-QLORA_VEC_INLINE void encode_block(F16 v0, F16 v1, uint8_t* out) {
+QLORA_VEC_INLINE void encode_block(F32x16 v0, F32x16 v1, uint8_t* out) {
   const __m256i a = _mm256_or_si256(nearest_codes(v0.a), _mm256_slli_epi32(nearest_codes(v1.a), 4));
   const __m256i b = _mm256_or_si256(nearest_codes(v0.b), _mm256_slli_epi32(nearest_codes(v1.b), 4));
   const __m128i wa = _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -190,7 +190,7 @@ QLORA_VEC_INLINE void transpose8(__m256 r[8]) {
   }
 }
 // 16x16 as four 8x8 quadrants; the off-diagonal quadrants trade places.
-QLORA_VEC_INLINE void transpose16(F16 r[16]) {
+QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
   __m256 q00[8], q01[8], q10[8], q11[8];
   for (int i = 0; i < 8; ++i) {
     q00[i] = r[i].a;
@@ -227,12 +227,22 @@ namespace qlora {
 namespace kernels {
 namespace avx2 {
 namespace {
-const KernelTable kTable = {
-    "avx2", kFeatureAvx2Fma, group_absmax, quantize_rows, dequantize_rows, lora_down, forward_rows,
-    kPanelRows,
-};
+KernelTable make_kernel_table() {
+  KernelTable t;
+  t.name = "avx2";
+  t.required_features = kFeatureAvx2Fma;
+  t.group_absmax = group_absmax;
+  t.quantize_rows = quantize_rows;
+  t.dequantize_rows = dequantize_rows;
+  t.lora_down = lora_down;
+  t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
+  return t;
+}
 }  // namespace
-const KernelTable* table() { return &kTable; }
+const KernelTable* table() {
+  static const KernelTable t = make_kernel_table();
+  return &t;
+}
 }  // namespace avx2
 }  // namespace kernels
 }  // namespace qlora

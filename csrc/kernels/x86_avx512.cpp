@@ -61,27 +61,27 @@ constexpr int64_t kSmallBatch = 8;
 constexpr int64_t kSmallBatchTile = 4;
 constexpr int kSmallRows = 4;
 
-struct F16 {
+struct F32x16 {
   __m512 v;
 };
 
 QLORA_VEC_INLINE __mmask16 first_n(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-QLORA_VEC_INLINE F16 f_zero() { return {_mm512_setzero_ps()}; }
-QLORA_VEC_INLINE F16 f_set1(float a) { return {_mm512_set1_ps(a)}; }
-QLORA_VEC_INLINE F16 f_load(const float* p) { return {_mm512_loadu_ps(p)}; }
-QLORA_VEC_INLINE F16 f_loadn(const float* p, int n) { return {_mm512_maskz_loadu_ps(first_n(n), p)}; }
-QLORA_VEC_INLINE void f_store(float* p, F16 a) { _mm512_storeu_ps(p, a.v); }
-QLORA_VEC_INLINE void f_storen(float* p, F16 a, int n) { _mm512_mask_storeu_ps(p, first_n(n), a.v); }
-QLORA_VEC_INLINE F16 f_fma(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-QLORA_VEC_INLINE F16 f_add(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
-QLORA_VEC_INLINE F16 f_mul(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
-QLORA_VEC_INLINE F16 f_div(F16 a, F16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+QLORA_VEC_INLINE F32x16 f_zero() { return {_mm512_setzero_ps()}; }
+QLORA_VEC_INLINE F32x16 f_set1(float a) { return {_mm512_set1_ps(a)}; }
+QLORA_VEC_INLINE F32x16 f_load(const float* p) { return {_mm512_loadu_ps(p)}; }
+QLORA_VEC_INLINE F32x16 f_loadn(const float* p, int n) { return {_mm512_maskz_loadu_ps(first_n(n), p)}; }
+QLORA_VEC_INLINE void f_store(float* p, F32x16 a) { _mm512_storeu_ps(p, a.v); }
+QLORA_VEC_INLINE void f_storen(float* p, F32x16 a, int n) { _mm512_mask_storeu_ps(p, first_n(n), a.v); }
+QLORA_VEC_INLINE F32x16 f_fma(F32x16 a, F32x16 b, F32x16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+QLORA_VEC_INLINE F32x16 f_add(F32x16 a, F32x16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+QLORA_VEC_INLINE F32x16 f_mul(F32x16 a, F32x16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+QLORA_VEC_INLINE F32x16 f_div(F32x16 a, F32x16 b) { return {_mm512_div_ps(a.v, b.v)}; }
 // max/min return the second operand when either is NaN; callers order operands for that.
-QLORA_VEC_INLINE F16 f_max(F16 a, F16 b) { return {_mm512_max_ps(a.v, b.v)}; }
-QLORA_VEC_INLINE F16 f_min(F16 a, F16 b) { return {_mm512_min_ps(a.v, b.v)}; }
-QLORA_VEC_INLINE F16 f_abs(F16 a) { return {_mm512_abs_ps(a.v)}; }
-QLORA_VEC_INLINE float f_reduce_add(F16 a) { return _mm512_reduce_add_ps(a.v); }
-QLORA_VEC_INLINE float f_reduce_max(F16 a) { return _mm512_reduce_max_ps(a.v); }
+QLORA_VEC_INLINE F32x16 f_max(F32x16 a, F32x16 b) { return {_mm512_max_ps(a.v, b.v)}; }
+QLORA_VEC_INLINE F32x16 f_min(F32x16 a, F32x16 b) { return {_mm512_min_ps(a.v, b.v)}; }
+QLORA_VEC_INLINE F32x16 f_abs(F32x16 a) { return {_mm512_abs_ps(a.v)}; }
+QLORA_VEC_INLINE float f_reduce_add(F32x16 a) { return _mm512_reduce_add_ps(a.v); }
+QLORA_VEC_INLINE float f_reduce_max(F32x16 a) { return _mm512_reduce_max_ps(a.v); }
 
 struct Nf4Table {
   __m512 t;
@@ -95,12 +95,12 @@ QLORA_VEC_INLINE Nf4Table make_table() {
 
 // vpermps reads only the low 4 bits of each index, so the zero-extended byte indexes the low
 // nibble (columns 0-15) as it is, and needs one shift for the high nibble (columns 16-31).
-QLORA_VEC_INLINE void decode_block(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+QLORA_VEC_INLINE void decode_block(const Nf4Table& tab, const uint8_t* p, F32x16& d0, F32x16& d1) {
   const __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   d0.v = _mm512_permutexvar_ps(i, tab.t);
   d1.v = _mm512_permutexvar_ps(_mm512_srli_epi32(i, 4), tab.t);
 }
-QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half) {
+QLORA_VEC_INLINE F32x16 decode_half(const Nf4Table& tab, const uint8_t* p, int half) {
   __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   if (half != 0) i = _mm512_srli_epi32(i, 4);
   return {_mm512_permutexvar_ps(i, tab.t)};
@@ -110,7 +110,7 @@ QLORA_VEC_INLINE F16 decode_half(const Nf4Table& tab, const uint8_t* p, int half
 // only; here the 16 bytes are broadcast to the four 128-bit lanes by the load unit and each lane
 // shifted by a different multiple of 8 (port 0), so lane 4l + p holds the code of column 4p + l:
 // a 4x4 transpose of each 16-column half, which gemv_x() applies to x once per call.
-QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F16& d0, F16& d1) {
+QLORA_VEC_INLINE void decode_block_gemv(const Nf4Table& tab, const uint8_t* p, F32x16& d0, F32x16& d1) {
   const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   d0.v = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, tab.shift_lo), tab.t);
   d1.v = _mm512_permutexvar_ps(_mm512_srlv_epi32(b, tab.shift_hi), tab.t);
@@ -124,7 +124,7 @@ QLORA_VEC_INLINE const float* gemv_x(const float* x, int64_t n, float* out) {
 
 // The code in bits [S, S + 4) of each 32-bit lane of `bits` (a lane of raw packed bytes).
 template <int S>
-QLORA_VEC_INLINE F16 lookup_bits(const Nf4Table& tab, F16 bits) {
+QLORA_VEC_INLINE F32x16 lookup_bits(const Nf4Table& tab, F32x16 bits) {
   __m512i i = _mm512_castps_si512(bits.v);
   if constexpr (S != 0) i = _mm512_srli_epi32(i, S);
   return {_mm512_permutexvar_ps(i, tab.t)};
@@ -142,14 +142,14 @@ QLORA_VEC_INLINE __m512i nearest_codes(__m512 v) {
   }
   return c;
 }
-QLORA_VEC_INLINE void encode_block(F16 v0, F16 v1, uint8_t* out) {
+QLORA_VEC_INLINE void encode_block(F32x16 v0, F32x16 v1, uint8_t* out) {
   const __m512i packed = _mm512_or_si512(nearest_codes(v0.v), _mm512_slli_epi32(nearest_codes(v1.v), 4));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(packed));
 }
 
 // 16x16 transpose: pairs of rows interleaved by 32 bits, then by 64 bits, then 128-bit lanes
 // gathered across four registers twice.
-QLORA_VEC_INLINE void transpose16(F16 r[16]) {
+QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
   __m512 t[16], u[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
@@ -195,12 +195,22 @@ namespace qlora {
 namespace kernels {
 namespace avx512 {
 namespace {
-const KernelTable kTable = {
-    "avx512", kFeatureAvx512, group_absmax, quantize_rows, dequantize_rows, lora_down, forward_rows,
-    kPanelRows,
-};
+KernelTable make_kernel_table() {
+  KernelTable t;
+  t.name = "avx512";
+  t.required_features = kFeatureAvx512;
+  t.group_absmax = group_absmax;
+  t.quantize_rows = quantize_rows;
+  t.dequantize_rows = dequantize_rows;
+  t.lora_down = lora_down;
+  t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
+  return t;
+}
 }  // namespace
-const KernelTable* table() { return &kTable; }
+const KernelTable* table() {
+  static const KernelTable t = make_kernel_table();
+  return &t;
+}
 }  // namespace avx512
 }  // namespace kernels
 }  // namespace qlora

@@ -1,8 +1,8 @@
-// The x86 kernel bodies, written once over a 16-float vector type `F16` and included by
+// The x86 kernel bodies, written once over a 16-float vector type `F32x16` and included by
 // x86_avx2.cpp and x86_avx512.cpp inside their target regions and anonymous namespaces, so each
 // instruction set compiles its own internal-linkage copy (as Highway re-includes its -inl.h per
 // target) and no inline function is ever shared with a baseline translation unit. No include
-// guard on purpose: every ISA file includes it once. The including file provides F16 and its
+// guard on purpose: every ISA file includes it once. The including file provides F32x16 and its
 // operations (f_zero, f_set1, f_load, f_loadn, f_store, f_storen, f_fma, f_add, f_mul, f_div,
 // f_max, f_min, f_abs, f_reduce_add, f_reduce_max), Nf4Table with make_table(), decode_block(),
 // decode_half(), decode_block_gemv() with gemv_x(), lookup_bits<S>(), transpose16(),
@@ -31,7 +31,7 @@ bool aligned_groups(const Nf4Weight& w) {
 }
 
 // Scales of columns [c0, c0 + n) of row r, n <= 16; lanes past n are 0.
-F16 lane_scales(const Nf4Weight& w, int64_t r, int64_t c0, int n) {
+F32x16 lane_scales(const Nf4Weight& w, int64_t r, int64_t c0, int n) {
   const int64_t flat = r * w.in_features + c0;
   const int64_t g0 = flat / w.group_size;
   const int64_t g1 = (flat + n - 1) / w.group_size;
@@ -42,7 +42,7 @@ F16 lane_scales(const Nf4Weight& w, int64_t r, int64_t c0, int n) {
 }
 
 float dot(const float* a, const float* b, int64_t n) {
-  F16 acc[4] = {f_zero(), f_zero(), f_zero(), f_zero()};
+  F32x16 acc[4] = {f_zero(), f_zero(), f_zero(), f_zero()};
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     for (int j = 0; j < 4; ++j) acc[j] = f_fma(f_load(a + i + 16 * j), f_load(b + i + 16 * j), acc[j]);
@@ -59,7 +59,7 @@ void group_absmax(const float* w, int64_t n_total, int64_t group_size, int64_t g
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t lo = g * group_size;
     const int64_t hi = imin(lo + group_size, n_total);
-    F16 m = f_zero();
+    F32x16 m = f_zero();
     // abs(x) first: a NaN element then leaves m unchanged, as std::max(m, fabs(x)) does.
     for (int64_t i = lo; i < hi; i += 16) m = f_max(f_abs(f_loadn(w + i, static_cast<int>(imin(16, hi - i)))), m);
     absmax[g - g_begin] = f_reduce_max(m);
@@ -71,12 +71,12 @@ void quantize_rows(const float* w, int64_t in_features, int64_t n_total, int64_t
   const int64_t row_bytes = packed_row_bytes(in_features);
   const int64_t last_group = (n_total - 1) / group_size;
   const bool last_partial = (n_total % group_size) != 0;
-  const F16 lo = f_set1(-1.0f), hi = f_set1(1.0f);
+  const F32x16 lo = f_set1(-1.0f), hi = f_set1(1.0f);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const float* src = w + r * in_features;
     uint8_t* dst = codes + r * row_bytes;
     for (int64_t blk = 0; blk * kBlockCols < in_features; ++blk) {
-      F16 v[2];
+      F32x16 v[2];
       for (int h = 0; h < 2; ++h) {
         const int64_t c0 = blk * kBlockCols + 16 * h;
         const int n = static_cast<int>(imax(0, imin(16, in_features - c0)));
@@ -86,7 +86,7 @@ void quantize_rows(const float* w, int64_t in_features, int64_t n_total, int64_t
         }
         const int64_t flat = r * in_features + c0;
         const int64_t g0 = flat / group_size;
-        const F16 x = f_loadn(src + c0, n);
+        const F32x16 x = f_loadn(src + c0, n);
         if (g0 == (flat + n - 1) / group_size) {
           const float m = fmaxf_(absmax[g0], kMinAbsmax);
           v[h] = (g0 == last_group && last_partial) ? f_div(x, f_set1(m)) : f_mul(x, f_set1(1.0f / m));
@@ -117,9 +117,9 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
     if (aligned) {
       const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
       for (int64_t g = 0; g < gpr; ++g) {
-        const F16 s = f_set1(group_scale(w, r * gpr + g));
+        const F32x16 s = f_set1(group_scale(w, r * gpr + g));
         for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
-          F16 d0, d1;
+          F32x16 d0, d1;
           decode_block(tab, src + blk * kBlockBytes, d0, d1);
           f_store(dst + blk * kBlockCols, f_mul(d0, s));
           f_store(dst + blk * kBlockCols + 16, f_mul(d1, s));
@@ -129,7 +129,7 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
     }
     for (int64_t c0 = 0; c0 < in; c0 += 16) {
       const int n = static_cast<int>(imin(16, in - c0));
-      const F16 d = decode_half(tab, src + (c0 / kBlockCols) * kBlockBytes, (c0 / 16) & 1);
+      const F32x16 d = decode_half(tab, src + (c0 / kBlockCols) * kBlockBytes, (c0 / 16) & 1);
       f_storen(dst + c0, f_mul(d, lane_scales(w, r, c0, n)), n);
     }
   }
@@ -138,11 +138,11 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
 // Four rows of A per pass share each load of x: a lone dot product is bound by its two loads
 // per FMA. Each output is still one fixed-order sum, whatever the batch range.
 void dot4(const float* x, const float* a, int64_t n, float* out) {
-  F16 acc[4][2];
+  F32x16 acc[4][2];
   for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = f_zero();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const F16 x0 = f_load(x + i), x1 = f_load(x + i + 16);
+    const F32x16 x0 = f_load(x + i), x1 = f_load(x + i + 16);
     for (int j = 0; j < 4; ++j) {
       acc[j][0] = f_fma(x0, f_load(a + j * n + i), acc[j][0]);
       acc[j][1] = f_fma(x1, f_load(a + j * n + i + 16), acc[j][1]);
@@ -150,7 +150,7 @@ void dot4(const float* x, const float* a, int64_t n, float* out) {
   }
   for (; i < n; i += 16) {
     const int m = static_cast<int>(imin(16, n - i));
-    const F16 xt = f_loadn(x + i, m);
+    const F32x16 xt = f_loadn(x + i, m);
     for (int j = 0; j < 4; ++j) acc[j][0] = f_fma(xt, f_loadn(a + j * n + i, m), acc[j][0]);
   }
   for (int j = 0; j < 4; ++j) out[j] = f_reduce_add(f_add(acc[j][0], acc[j][1]));
@@ -185,7 +185,7 @@ void gemv_aligned(const ForwardArgs& p, const float* xg, const Nf4Table& tab, in
   const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
   const int64_t bpg = BPG > 0 ? BPG : w.group_size / kBlockCols, gpr = in / w.group_size;
   const uint8_t* rows[R];
-  F16 acc[R];
+  F32x16 acc[R];
   for (int r = 0; r < R; ++r) {
     rows[r] = w.codes + (o + r) * row_bytes;
     acc[r] = f_zero();
@@ -193,15 +193,15 @@ void gemv_aligned(const ForwardArgs& p, const float* xg, const Nf4Table& tab, in
   const char* next = reinterpret_cast<const char*>(w.codes + (o + 4 * R) * row_bytes);
   const float* x = xg;
   for (int64_t g = 0; g < gpr; ++g) {
-    F16 sum[R];
+    F32x16 sum[R];
     for (int r = 0; r < R; ++r) sum[r] = f_zero();
     for (int64_t j = 0; j < bpg; ++j) {
       for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
       next += R * kBlockBytes;
-      const F16 x0 = f_load(x), x1 = f_load(x + 16);
+      const F32x16 x0 = f_load(x), x1 = f_load(x + 16);
       x += kBlockCols;
       for (int r = 0; r < R; ++r) {
-        F16 d0, d1;
+        F32x16 d0, d1;
         decode_block_gemv(tab, rows[r], d0, d1);
         rows[r] += kBlockBytes;
         sum[r] = f_fma(x1, d1, f_fma(x0, d0, sum[r]));
@@ -234,7 +234,7 @@ void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0
   const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
   const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
   const uint8_t* rows[R];
-  F16 acc[R][NB];
+  F32x16 acc[R][NB];
   for (int r = 0; r < R; ++r) {
     rows[r] = w.codes + (o + r) * row_bytes;
     for (int b = 0; b < NB; ++b) acc[r][b] = f_zero();
@@ -242,17 +242,17 @@ void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0
   const char* next = reinterpret_cast<const char*>(w.codes + (o + R) * row_bytes);
   const float* x = p.x + b0 * in;
   for (int64_t g = 0; g < gpr; ++g) {
-    F16 s[R];
+    F32x16 s[R];
     for (int r = 0; r < R; ++r) s[r] = f_set1(group_scale(w, (o + r) * gpr + g));
     for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
       for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + blk * (R * kBlockBytes) + l, _MM_HINT_T0);
-      F16 x0[NB], x1[NB];
+      F32x16 x0[NB], x1[NB];
       for (int b = 0; b < NB; ++b) {
         x0[b] = f_load(x + b * in + blk * kBlockCols);
         x1[b] = f_load(x + b * in + blk * kBlockCols + 16);
       }
       for (int r = 0; r < R; ++r) {
-        F16 d0, d1;
+        F32x16 d0, d1;
         decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
         d0 = f_mul(d0, s[r]);
         d1 = f_mul(d1, s[r]);
@@ -302,7 +302,7 @@ void decode_panel(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, int nrows
     const int half = static_cast<int>((kb / 16) & 1);
     const int64_t gk = aligned ? kb / w.group_size : 0;
     for (int u = 0; u < kPanelUnits; ++u) {
-      F16 t[16];
+      F32x16 t[16];
       for (int i = 0; i < 16; ++i) {
         const int row = u * 16 + i;
         if (row >= nrows) {
@@ -310,7 +310,7 @@ void decode_panel(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, int nrows
           continue;
         }
         const int64_t r = o0 + row;
-        const F16 s = aligned ? f_set1(group_scale(w, r * gpr + gk)) : lane_scales(w, r, kb, n);
+        const F32x16 s = aligned ? f_set1(group_scale(w, r * gpr + gk)) : lane_scales(w, r, kb, n);
         t[i] = f_mul(decode_half(tab, w.codes + r * row_bytes + byte, half), s);
       }
       transpose16(t);
@@ -343,7 +343,7 @@ void decode_panel_aligned(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, i
       const int nb = static_cast<int>(imin(4, (k1 - kb) / kBlockCols));
       const uint8_t* src = w.codes + r0 * row_bytes + (kb / kBlockCols) * kBlockBytes;
       // Rows past nrows are not read; their lanes decode code 0 times scale 0.
-      F16 t[16];
+      F32x16 t[16];
       if (nb == 4) {
         for (int i = 0; i < vr; ++i) t[i] = f_load(reinterpret_cast<const float*>(src + i * row_bytes));
       } else {
@@ -357,10 +357,10 @@ void decode_panel_aligned(const Nf4Weight& w, const Nf4Table& tab, int64_t o0, i
           ++gi;
           group_end += w.group_size;
         }
-        const F16 scale = f_load(st + gi * 16);
+        const F32x16 scale = f_load(st + gi * 16);
         float* dst = panel + (c - k0) * kPanelRows + u * 16;
         for (int d = 0; d < 4; ++d) {
-          const F16 v = t[4 * blk + d];
+          const F32x16 v = t[4 * blk + d];
           float* col = dst + 4 * d * kPanelRows;
           f_store(col + 0 * kPanelRows, f_mul(lookup_bits<0>(tab, v), scale));
           f_store(col + 1 * kPanelRows, f_mul(lookup_bits<8>(tab, v), scale));
@@ -385,30 +385,30 @@ void micro_tile(const ForwardArgs& p, const float* panel, const float* xp, int64
   const int64_t out = p.w.out_features;
   int nu[kPanelUnits];
   for (int u = 0; u < kPanelUnits; ++u) nu[u] = static_cast<int>(imax(0, imin(16, nrows - 16 * u)));
-  F16 acc[MR][kPanelUnits];
+  F32x16 acc[MR][kPanelUnits];
   for (int i = 0; i < MR; ++i) {
     for (int u = 0; u < kPanelUnits; ++u) {
       acc[i][u] = (first || nu[u] == 0) ? f_zero() : f_loadn(p.y + (b0 + i) * out + o0 + 16 * u, nu[u]);
     }
   }
   for (int64_t k = 0; k < kc; ++k) {
-    F16 wv[kPanelUnits];
+    F32x16 wv[kPanelUnits];
     for (int u = 0; u < kPanelUnits; ++u) wv[u] = f_load(panel + k * kPanelRows + 16 * u);
     for (int i = 0; i < MR; ++i) {
-      const F16 xb = f_set1(xp[k * kMaxMr + i]);
+      const F32x16 xb = f_set1(xp[k * kMaxMr + i]);
       for (int u = 0; u < kPanelUnits; ++u) acc[i][u] = f_fma(wv[u], xb, acc[i][u]);
     }
   }
   if (last) {
     for (int i = 0; i < MR; ++i) {
       if (p.rank > 0) {
-        F16 l[kPanelUnits];
+        F32x16 l[kPanelUnits];
         for (int u = 0; u < kPanelUnits; ++u) l[u] = f_zero();
         for (int64_t j = 0; j < p.rank; ++j) {
-          const F16 xa = f_set1(p.xa[(b0 + i) * p.rank + j]);
+          const F32x16 xa = f_set1(p.xa[(b0 + i) * p.rank + j]);
           for (int u = 0; u < kPanelUnits; ++u) l[u] = f_fma(f_load(bt + j * kPanelRows + 16 * u), xa, l[u]);
         }
-        const F16 sc = f_set1(p.scaling);
+        const F32x16 sc = f_set1(p.scaling);
         for (int u = 0; u < kPanelUnits; ++u) acc[i][u] = f_add(acc[i][u], f_mul(sc, l[u]));
       }
       if (p.bias != nullptr) {
@@ -445,7 +445,7 @@ void pack_x(const ForwardArgs& p, int64_t k0, int64_t kc, int64_t tiles, float* 
     float* dst = xpack + t * kMaxMr * kc;
     for (int64_t k = 0; k < kc; k += 16) {
       const int n = static_cast<int>(imin(16, kc - k));
-      F16 r[16];
+      F32x16 r[16];
       for (int i = 0; i < 16; ++i) {
         r[i] = i >= mr ? f_zero() : n == 16 ? f_load(src + i * in + k) : f_loadn(src + i * in + k, n);
       }

@@ -172,8 +172,8 @@ TEST_CASE("every ISA quantizes codebook values and exact midpoints like scalar")
 }
 
 TEST_CASE("kernels give the same bits for any row split, with plain and double-quantized scales") {
-  // The drivers hand forward_rows and dequantize_rows ranges that depend on the thread count;
-  // here the kernels are called directly over uneven splits (multiples of row_block, as the
+  // The drivers hand gemm_nf4_f32 and dequantize_rows ranges that depend on the thread count;
+  // here the kernels are called directly over uneven splits (multiples of its row_block, as the
   // drivers guarantee) and must match one call over all rows, for batch 1 and batch > 1. The
   // shapes cover groups that start mid-block and, with in_features and group_size multiples of
   // 32, rows that start mid-group while every block stays inside one group; 576 columns span
@@ -211,7 +211,7 @@ TEST_CASE("kernels give the same bits for any row split, with plain and double-q
     std::vector<float> deq(static_cast<size_t>(n));
     scalar.dequantize_rows(wv, 0, out, deq.data());
     for (const KernelTable* t : qlora_test::runnable_tables()) {
-      const int64_t rb = std::max<int64_t>(t->row_block, 1);
+      const int64_t rb = std::max<int64_t>(t->gemm_nf4_f32.row_block, 1);
       std::vector<int64_t> cuts = {0};
       for (int64_t step = 1; cuts.back() < out; ++step) cuts.push_back(std::min(out, cuts.back() + step * rb));
       INFO("isa " << t->name << (wv.scales != nullptr ? " plain" : " double-quantized") << " scales");
@@ -238,9 +238,9 @@ TEST_CASE("kernels give the same bits for any row split, with plain and double-q
         p.bias = bias.data();
         std::vector<float> y_whole(static_cast<size_t>(batch * out)), y_split(y_whole.size());
         p.y = y_whole.data();
-        t->forward_rows(p, 0, out);
+        t->gemm_nf4_f32.fn(p, 0, out);
         p.y = y_split.data();
-        for (size_t i = 0; i + 1 < cuts.size(); ++i) t->forward_rows(p, cuts[i], cuts[i + 1]);
+        for (size_t i = 0; i + 1 < cuts.size(); ++i) t->gemm_nf4_f32.fn(p, cuts[i], cuts[i + 1]);
         REQUIRE(y_split == y_whole);
         qlora_test::check_forward_within_bound(y_whole, x, deq, a, b, bias.data(), 0.5, batch, out, in, rank);
       }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "qlora/dispatch.h"
 #include "qlora/kernels.h"
 #include "qlora/nf4.h"
 
@@ -29,19 +30,44 @@ void quantize_nf4(const float* w, int64_t out_features, int64_t in_features, int
 // out: row-major (out_features, in_features) float32.
 void dequantize_nf4(const Nf4Weight& w, float* out);
 
-// y (batch, out_features) = x @ deq(W)^T + scaling * (x @ A^T) @ B^T + bias, with
-// x (batch, in_features), a (rank, in_features), b (out_features, rank); rank 0 skips the LoRA
-// term, bias may be null. The fp32 weight is never materialized.
+// One LoRA adapter applied to some rows of a batch: y[r] += s_r * (x[r] @ A^T) @ B^T.
+struct LoraSegment {
+  const float* a = nullptr;          // rank x in_features
+  const float* b = nullptr;          // out_features x rank
+  int64_t rank = 0;
+  float scaling = 0.0f;              // s_r for every row unless row_scale is given
+  const int64_t* rows = nullptr;     // strictly ascending batch rows, or nullptr: every row
+  int64_t n_rows = 0;                // entries of rows (ignored when rows is null)
+  const float* row_scale = nullptr;  // s_r per listed row (per batch row when rows is null)
+};
+
+struct ForwardOptions {
+  Precision precision = Precision::kFp32;
+  // Tests: run this ISA's own product kernel for the precision (it must have one) instead of
+  // dispatching. Everything else (activation packing, LoRA) still comes from the active ISA.
+  const KernelTable* table = nullptr;
+};
+
+// y (batch, out_features) = x @ deq(W)^T (in opts.precision) + the LoRA term of each segment
+// (fp32) + bias, with x (batch, in_features). Segments may cover any subsets of the rows (a row
+// in several segments gets each term; a row in none gets only the base). bias may be null. The
+// fp32 weight is never materialized. Returns the choice made for the first batch chunk.
+GemmChoice forward(const Nf4Weight& w, const float* x, int64_t batch, const LoraSegment* loras,
+                   int64_t n_loras, const float* bias, float* y, const ForwardOptions& opts = {});
+
+// The single-adapter forward: rank 0 skips the LoRA term; a (rank, in), b (out, rank).
 void forward(const Nf4Weight& w, const float* x, int64_t batch, const float* a, const float* b,
              int64_t rank, float scaling, const float* bias, float* y);
+
+// dx (batch, in_features) = g (batch, out_features) @ deq(W): the input gradient of the base
+// product, decoded as the forward decodes (never materializing the weight); fp32, bit-identical
+// for any thread count.
+void gemm_nf4t(const Nf4Weight& w, const float* g, int64_t batch, float* dx);
 
 // bitsandbytes flat packing ((n + 1) / 2 bytes, first element of a pair in the high nibble,
 // odd tail padded with code 7) <-> qlora's packed rows. Both directions are exact.
 void codes_from_bnb(const uint8_t* flat, int64_t out_features, int64_t in_features, uint8_t* codes);
 void codes_to_bnb(const uint8_t* codes, int64_t out_features, int64_t in_features, uint8_t* flat);
 
-// Forward work is split into batch chunks of this many rows regardless of the thread count, so
-// a kernel's choice of path (which may depend on its batch) never depends on the thread count.
-inline constexpr int64_t kBatchChunk = 256;
 
 }  // namespace qlora
