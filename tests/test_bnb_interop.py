@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from qlora import QLoraLinear
-from qlora._bnb import NF4_CODEBOOK, create_dynamic_map
+from qlora._state import NF4_CODEBOOK, create_dynamic_map
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
@@ -217,7 +217,7 @@ def test_round_trip_exact(compress):
     back = QLoraLinear.from_bnb(layer.to_bnb("p."), "p.")
     assert _same_bits(back.dequantize_weight(), layer.dequantize_weight())
     assert _same_bits(back.scale, layer.scale)
-    np.testing.assert_array_equal(back._w.codes, layer._w.codes)
+    np.testing.assert_array_equal(back._state.weight.codes, layer._state.weight.codes)
     np.testing.assert_array_equal(back.bias, layer.bias)
     np.testing.assert_array_equal(back.to_bnb()["weight.absmax"], layer.to_bnb()["weight.absmax"])
 

@@ -13,7 +13,7 @@ import pytest
 
 import qlora
 from qlora import QLoraLinear
-from qlora._safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
+from qlora.formats.safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
 from qlora.cli import main
 
 
@@ -182,7 +182,7 @@ def test_nan_weight_names_tensor(tmp_path, capsys):
 
 
 def test_interrupted_quantize_leaves_nothing(tmp_path, checkpoint, monkeypatch, capsys):
-    from qlora import _safetensors
+    from qlora.formats import safetensors as _safetensors
 
     src, _ = checkpoint
     out = tmp_path / "o.safetensors"

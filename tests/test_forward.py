@@ -217,7 +217,7 @@ def test_simd_matches_scalar(simd, group_size):
         s, v = results["scalar"], results[simd]
         # Codes, scales and dequantized weights are bit-identical (the kernels.h contract) ...
         np.testing.assert_array_equal(s.scale.view(np.uint32), v.scale.view(np.uint32))
-        np.testing.assert_array_equal(s._w.codes, v._w.codes)
+        np.testing.assert_array_equal(s._state.weight.codes, v._state.weight.codes)
         with use_isa(simd):
             deq_v = v.dequantize_weight()
         np.testing.assert_array_equal(s.dequantize_weight().view(np.uint32), deq_v.view(np.uint32))
@@ -255,7 +255,7 @@ def test_unaligned_and_byte_swapped_arrays(isa):
     np.testing.assert_array_equal(out, y)
     for other in (unaligned(w), w.astype(">f4")):
         twin = QLoraLinear.from_weight(other, rank=2, group_size=16)
-        np.testing.assert_array_equal(twin._w.codes, layer._w.codes)
+        np.testing.assert_array_equal(twin._state.weight.codes, layer._state.weight.codes)
         np.testing.assert_array_equal(twin.scale, layer.scale)
     deq = unaligned(np.zeros((40, 70), np.float32))
     layer.dequantize_weight(out=deq)

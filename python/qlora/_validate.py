@@ -9,12 +9,26 @@ import operator
 import numpy as np
 
 __all__ = [
+    "F32_MAX",
+    "F32_MIN_NORMAL",
     "as_float32",
+    "check_alpha",
+    "check_bool",
+    "check_f32_range",
     "check_finite",
     "check_int",
+    "check_out",
     "check_positive_float",
+    "check_scaling",
     "describe_dtype",
+    "float32_matrix",
 ]
+
+# The float32 range: the core multiplies by scalings and offsets in float32, so a value outside
+# it overflows to infinity and one below the smallest normal number loses precision or
+# becomes 0 (an adapter scaled by 1e-46 would silently vanish).
+F32_MAX = float(np.finfo(np.float32).max)
+F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
 
 
 def describe_dtype(value: object) -> str:
@@ -100,3 +114,73 @@ def check_positive_float(value: object, name: str) -> float:
     if not np.isfinite(result) or result <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {result}")
     return result
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return `value` as a bool; anything but a bool (or NumPy bool) raises TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_f32_range(value: float, name: str, *, zero_ok: bool) -> float:
+    """Raise ValueError unless the finite float `value` is a normal float32 number in
+    magnitude (|value| in [1.18e-38, 3.40e38]), or 0 when `zero_ok`."""
+    mag = abs(value)
+    if mag > F32_MAX or (mag < F32_MIN_NORMAL and not (zero_ok and mag == 0.0)):
+        what = "overflows float32 (max 3.4028235e+38)" if mag > F32_MAX else (
+            "underflows float32 (it would become 0 or a subnormal number below "
+            "1.1754944e-38)")
+        raise ValueError(f"{name} must be representable as a normal float32 number, got "
+                         f"{value!r}, which {what}")
+    return value
+
+
+def check_scaling(value: object, name: str) -> float:
+    """A LoRA scaling: a finite real > 0 that float32 represents as a normal number."""
+    return check_f32_range(check_positive_float(value, name), name, zero_ok=False)
+
+
+def float32_matrix(value: object, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """`value` as a new read-only float32 array of exactly `shape`, finite.
+
+    Always a copy: a conversion may return a view of the caller's memory (a torch tensor, an
+    np.matrix, anything with __array__), which the caller could then change.
+    """
+    arr = as_float32(value, name)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    arr = arr.copy()
+    check_finite(arr, name)
+    arr.setflags(write=False)
+    return arr
+
+
+def check_alpha(alpha: object, rank: int) -> float:
+    """``alpha`` (finite, > 0) whose ``alpha / rank`` float32 holds as a normal number."""
+    alpha = check_positive_float(alpha, "alpha")
+    # The core multiplies by scaling in float32: a finite alpha whose alpha / rank
+    # overflows (or underflows to 0) there would silently give NaN (or drop the adapter).
+    try:
+        check_f32_range(alpha / rank, "alpha / rank", zero_ok=False)
+    except ValueError:
+        raise ValueError(
+            f"alpha / rank must be a normal float32 number (the core computes in float32), "
+            f"got alpha={alpha!r} and rank={rank} (alpha / rank = {alpha / rank!r})"
+        ) from None
+    return alpha
+
+
+def check_out(out: object, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """`out` if it is a writable float32 C-contiguous ndarray of exactly `shape`."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return out

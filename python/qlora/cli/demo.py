@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from ._cli_args import parse_shape
-from ._layer import QLoraLinear
+from .._layer import QLoraLinear
+from .common import parse_shape
 
 __all__ = ["register"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._safetensors import SafetensorsFile, bf16_to_float32
+from .safetensors import SafetensorsFile, bf16_to_float32
 
 __all__ = ["LoraWeights", "load_peft_adapter"]
 
