@@ -18,7 +18,7 @@ from . import _core
 from ._state import (Adapter, LayerState, frozen, make_state, new_adapter,
                      quantize_weight)
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
-                        check_out, check_positive_float, float32_matrix)
+                        check_out, check_scaling, float32_matrix)
 from .formats import bnb as _bnb
 from .formats import files as _files
 from .formats import pickled as _pickle
@@ -394,7 +394,7 @@ class QLoraLinear:
         weight, bias = _bnb.weight_from_bnb(state_dict, prefix)
         out_features, in_features = weight.out_features, weight.in_features
         rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
-        alpha = check_positive_float(alpha, "alpha")
+        alpha = check_alpha(alpha, rank)
         seed = check_int(seed, "seed", minimum=0)
         lora = new_adapter(rank, alpha / rank, seed, out_features, in_features)
         return cls._from_state(make_state(weight, lora, bias))
@@ -479,7 +479,9 @@ class QLoraLinear:
         b : array_like, shape (out_features, r)
             Finite real numbers, copied to float32. ``r >= 1``.
         scaling : float
-            Finite and > 0; multiplies the LoRA term. ``alpha`` becomes ``scaling * r``.
+            Finite and > 0, a normal float32 number (``1.18e-38 <= scaling <= 3.40e38``: the
+            core multiplies by it in float32); multiplies the LoRA term. ``alpha`` becomes
+            ``scaling * r``.
 
         Raises
         ------
@@ -495,7 +497,7 @@ class QLoraLinear:
             raise ValueError(f"a must have at least one row (rank >= 1), got shape {a_arr.shape}")
         a_arr = float32_matrix(a_arr, "a", (r, state.weight.in_features))
         b_arr = float32_matrix(b, "b", (state.weight.out_features, r))
-        s = check_positive_float(scaling, "scaling")
+        s = check_scaling(scaling, "scaling")
         self._state = state._replace(lora=Adapter(a_arr, b_arr, s))
 
     def load_adapter(self, weights: object) -> None:
@@ -519,7 +521,7 @@ class QLoraLinear:
             self.set_lora(weights.a, weights.b, scaling=weights.scaling)
         except ValueError as exc:
             raise ValueError(f"adapter for module {weights.name!r} does not fit this layer "
-                             f"({w.out_features}x{w.in_features}): {exc}") from None
+                             f"({w.out_features}x{w.in_features}): weights.{exc}") from None
 
     def merged_weight(self) -> np.ndarray:
         """The effective weight ``deq(W) + scaling * B @ A`` as float32 (out, in).

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _core
 from .._state import NESTED_BLOCK, NF4_CODEBOOK, Nf4Weight, frozen
-from .._validate import float32_matrix
+from .._validate import check_f32_range, float32_matrix
 
 __all__ = ["BNB_BLOCKSIZES", "weight_from_bnb", "weight_to_bnb"]
 
@@ -159,6 +159,10 @@ def weight_from_bnb(state_dict: Mapping[str, Any],
                 or not math.isfinite(offset):
             raise _err(prefix, "quant_state['nested_offset']",
                        f"must be a finite number, got {offset!r}")
+        try:  # the core adds it to every scale in float32
+            check_f32_range(float(offset), "nested_offset", zero_ok=True)
+        except (ValueError, OverflowError) as exc:
+            raise _err(prefix, "quant_state['nested_offset']", str(exc)) from None
         if nested_absmax is None:
             raise _err(prefix, "weight.nested_absmax", "missing (the quant state says "
                        "double quantization)")

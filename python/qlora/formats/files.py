@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import _core
 from .._state import Adapter, LayerState, Nf4Weight, make_state
-from .._validate import F32_MAX
+from .._validate import check_f32_range
 from .safetensors import SafetensorsFile, _no_duplicates, write_safetensors
 
 __all__ = ["CODES_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "SUFFIXES", "layer_tensors",
@@ -127,10 +127,10 @@ class _Reader:
                 or (positive and v <= 0):
             need = "a finite float32 number" + (" > 0" if positive else "")
             raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r}")
-        if abs(v) > F32_MAX:
-            raise self.fail(f"layers[{name!r}].{key}", f"must be a finite float32 number, "
-                            f"got {v!r}")
-        return float(v)
+        try:  # the core computes with it in float32
+            return check_f32_range(float(v), key, zero_ok=not positive)
+        except (ValueError, OverflowError) as exc:
+            raise self.fail(f"layers[{name!r}].{key}", str(exc)) from None
 
     def meta_bool(self, name: str, info: dict, key: str) -> bool:
         v = info.get(key)
@@ -162,6 +162,8 @@ class _Reader:
         gs = self.meta_int(name, info, "group_size", 1, 1 << 62)
         rank = self.meta_int(name, info, "rank", 1, MAX_DIM)
         scaling = self.meta_float(name, info, "scaling", positive=True)
+        if "alpha" in info:  # informative only (alpha = scaling * rank), but never nonsense
+            self.meta_float(name, info, "alpha", positive=True)
         dq = self.meta_bool(name, info, "double_quant")
         has_bias = self.meta_bool(name, info, "bias")
         offset = self.meta_float(name, info, "nested_offset", positive=False) if dq else 0.0

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import check_f32_range
 from .safetensors import SafetensorsFile, bf16_to_float32
 
 __all__ = ["LoraWeights", "load_peft_adapter"]
@@ -44,6 +45,17 @@ _UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA changes the adapter math",
     "velora_config": "VeLoRA changes the adapter math",
 }
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a finite float if it is a JSON number (not a bool) that is one, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -166,7 +178,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     alpha = config.get("lora_alpha")
     if type(r) is not int or r < 1:
         raise bad("r", f"must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if _finite(alpha) is None:
         raise bad("lora_alpha", f"must be a finite number, got {alpha!r}")
     rslora = bool(config.get("use_rslora", False))
     rank_pattern = config.get("rank_pattern") or {}
@@ -208,11 +220,18 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         if type(mod_r) is not int or mod_r != rank:
             raise st.error(f"tensor {keys['a']!r} shape", f"has rank {rank} but the config "
                            f"gives module {module!r} r = {mod_r!r}")
-        if (isinstance(mod_alpha, bool) or not isinstance(mod_alpha, (int, float))
-                or not math.isfinite(mod_alpha) or mod_alpha <= 0):
+        alpha_f = _finite(mod_alpha)
+        if alpha_f is None or alpha_f <= 0:
             raise bad("alpha_pattern", f"module {module!r} gets lora_alpha {mod_alpha!r}; "
                       "must be a finite number > 0")
-        scaling = mod_alpha / math.sqrt(rank) if rslora else mod_alpha / rank
+        scaling = alpha_f / math.sqrt(rank) if rslora else alpha_f / rank
+        try:  # the core multiplies by it in float32
+            check_f32_range(scaling, "scaling", zero_ok=False)
+        except ValueError as exc:
+            what = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
+            rank_s = f"sqrt({rank})" if rslora else str(rank)
+            raise bad("lora_alpha", f"module {module!r}: {what} = {mod_alpha!r} / {rank_s}: "
+                      f"{exc}") from None
         out[module] = LoraWeights(module, a, b, float(scaling), rank)
     if not out:
         raise st.error("tensors", "the adapter holds no LoRA weights")

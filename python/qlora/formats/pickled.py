@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._state import Adapter, LayerState, Nf4Weight, frozen, make_state
+from .._validate import check_f32_range, check_scaling
 
 __all__ = ["PICKLE_VERSION", "state_from_dict", "state_to_dict"]
 
@@ -51,7 +52,8 @@ def state_from_dict(state: dict) -> LayerState:
     Raises
     ------
     ValueError
-        If the version is not one this qlora reads, or the arrays do not fit the shape.
+        If the version is not one this qlora reads, the arrays do not fit the shape, or the
+        scaling or offset is not a float32 the core can compute with.
     """
     version = state.get("version")
     if version != PICKLE_VERSION:
@@ -67,7 +69,9 @@ def state_from_dict(state: dict) -> LayerState:
     weight = Nf4Weight(
         int(state["out_features"]), int(state["in_features"]), int(state["group_size"]),
         arr("codes", _U8), arr("scales", _F32), arr("qscales", _U8),
-        arr("nested_scales", _F32), arr("nested_map", _F32), float(state["nested_offset"]),
+        arr("nested_scales", _F32), arr("nested_map", _F32),
+        check_f32_range(float(state["nested_offset"]), "nested_offset", zero_ok=True),
     )
-    lora = Adapter(arr("lora_a", _F32), arr("lora_b", _F32), float(state["scaling"]))
+    lora = Adapter(arr("lora_a", _F32), arr("lora_b", _F32),
+                   check_scaling(state["scaling"], "scaling"))
     return make_state(weight, lora, arr("bias", _F32))
