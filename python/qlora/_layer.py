@@ -140,11 +140,12 @@ class QLoraLinear:
         Parameters
         ----------
         x : array_like, shape (in_features,) or (..., in_features)
-            Real numbers; converted to float32 C-contiguous if it is not already (a copy).
+            Real numbers; converted to an aligned float32 C-contiguous array if it is not
+            already one (a copy).
             NaN and Inf propagate as IEEE arithmetic does.
         out : numpy.ndarray, optional
-            float32, C-contiguous, writable, of exactly the result shape and not overlapping
-            ``x``: written in place and returned.
+            float32, C-contiguous, aligned, writable, of exactly the result shape and not
+            overlapping ``x``: written in place and returned.
 
         Returns
         -------
@@ -157,15 +158,16 @@ class QLoraLinear:
             If ``x`` is not real numeric, or ``out`` is not a float32 ndarray.
         ValueError
             If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, or ``out`` has
-            the wrong shape, is not C-contiguous, is read-only or overlaps ``x``.
+            the wrong shape, is not C-contiguous or not aligned, is read-only or overlaps
+            ``x``.
         """
         state = self._state  # read once: one consistent state for the whole call
         w = state.weight
         # Shapes from the namedtuple (plain ints): a pybind11 property read costs ~0.1 us,
         # a measurable part of a small layer's ~2.5 us fixed cost per call.
         in_features, out_features = w.in_features, w.out_features
-        if not (type(x) is np.ndarray and x.dtype is _F32 and x.flags.c_contiguous
-                and x.ndim and x.shape[-1] == in_features):
+        if not (type(x) is np.ndarray and x.dtype is _F32 and (f := x.flags).c_contiguous
+                and f.aligned and x.ndim and x.shape[-1] == in_features):
             x = self._prepare_x(x, in_features)
         shape = x.shape[:-1] + (out_features,)
         if out is None:
@@ -201,8 +203,8 @@ class QLoraLinear:
         Parameters
         ----------
         out : numpy.ndarray, optional
-            float32, C-contiguous, writable, shape (out_features, in_features); written in
-            place and returned.
+            float32, C-contiguous, aligned, writable, shape (out_features, in_features);
+            written in place and returned.
 
         Returns
         -------

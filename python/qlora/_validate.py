@@ -37,7 +37,7 @@ def describe_dtype(value: object) -> str:
 
 
 def as_float32(value: object, name: str, *, ndim: int | None = None) -> np.ndarray:
-    """Return `value` as a float32 C-contiguous array (a copy unless it already is one).
+    """Return `value` as an aligned float32 C-contiguous array (a copy unless it is one).
 
     Real numeric dtypes (floats, signed and unsigned integers) are accepted; bool, complex,
     object, string and structured dtypes raise TypeError. `ndim` checks the dimensionality.
@@ -62,7 +62,10 @@ def as_float32(value: object, name: str, *, ndim: int | None = None) -> np.ndarr
         raise ValueError(f"{name} must be {ndim}-D, got {arr.ndim}-D with shape {arr.shape}")
     # Not np.ascontiguousarray: it turns a 0-d array into shape (1,), hiding a 0-d input.
     try:
-        return np.asarray(arr, dtype=np.float32, order="C")
+        out = np.asarray(arr, dtype=np.float32, order="C")
+        # A float32 view at an odd byte offset is C-contiguous but misaligned: the core reads
+        # it as float*, so it is copied like any other layout the core does not take.
+        return out if out.flags.aligned else out.copy()
     except MemoryError:
         raise MemoryError(
             f"{name} of shape {arr.shape} is too large to convert to float32 "
@@ -172,7 +175,7 @@ def check_alpha(alpha: object, rank: int) -> float:
 
 
 def check_out(out: object, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """`out` if it is a writable float32 C-contiguous ndarray of exactly `shape`."""
+    """`out` if it is a writable, aligned float32 C-contiguous ndarray of exactly `shape`."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != np.float32:
@@ -181,6 +184,9 @@ def check_out(out: object, shape: tuple[int, ...], name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(f"{name} must be aligned to 4 bytes (float32), got a view at a "
+                         "misaligned address")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writable")
     return out
