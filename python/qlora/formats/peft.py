@@ -5,8 +5,15 @@ Scaling follows PEFT 0.21's ``LoraLayer.update_layer``: ``lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with ``use_rslora``, where ``r`` and ``lora_alpha`` are overridden
 per module by ``rank_pattern`` / ``alpha_pattern``. A pattern key ``K`` applies to module path
 ``M`` when ``re.match(rf"(.*\\.)?({K})$", M)`` matches, the first such key in the file's order
-winning (PEFT's ``get_pattern_key``). Options that change the forward math (DoRA,
-``fan_in_fan_out``, LoRA bias, trained base biases, ``modules_to_save``, ...) are rejected.
+winning (PEFT's ``get_pattern_key``).
+
+The config is read against an allow-list: every ``LoraConfig`` field of PEFT 0.21 is either
+used (``r``, ``lora_alpha``, ``use_rslora``, the patterns), harmless for inference (metadata,
+which modules were targeted, dropout, ...), or changes the forward math and is rejected when
+set (DoRA, ``fan_in_fan_out``, LoRA bias, trained base biases, ``modules_to_save``, inits that
+rewrite the base weight, ...). A key the list does not know (a newer PEFT's option) is
+accepted only at an empty value (None, false, "", [] or {}); any other value is an error
+naming it, since it could change the math.
 """
 
 from __future__ import annotations
@@ -44,7 +51,34 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA changes the adapter math",
     "monteclora_config": "MonteCLoRA changes the adapter math",
     "velora_config": "VeLoRA changes the adapter math",
+    "megatron_config": "Megatron parallel layers split the adapter across devices",
 }
+# Fields qlora reads.
+_USED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+         "init_lora_weights"}
+# Fields that do not change what a trained adapter computes at inference, whatever their value:
+# metadata, which modules/layers were adapted (the tensors say which), training-only dropout,
+# runtime placement, options read only together with another option that is checked (the
+# Megatron module path, QA-LoRA's group size), and EVA's config (EVA only chooses the initial
+# A from activations; the base weight is untouched).
+_HARMLESS = {
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "target_modules", "exclude_modules", "lora_dropout",
+    "layers_to_transform", "layers_pattern", "runtime_config", "ensure_weight_tying",
+    "eva_config", "megatron_core", "qalora_group_size",
+}
+# init_lora_weights values that only choose the starting A and B. PiSSA, OLoRA, CorDA, LoRA-GA
+# and LoftQ also rewrite the base weight, so their adapters are only right on that rewritten
+# base (PEFT can convert them to plain LoRA on save; the config then says True).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Configs of those methods: harmless when empty, refused otherwise.
+_INIT_CONFIGS = {"loftq_config", "corda_config", "lora_ga_config"}
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (str, list, dict))
+                                               and not value)
 
 
 def _finite(value: Any) -> float | None:
@@ -140,8 +174,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         If the folder or a file is missing or unreadable.
     ValueError
         If the config is not a LoRA config, uses DoRA, ``fan_in_fan_out`` or another option
-        that changes the math, or the tensors are inconsistent with it (the message names the
-        file and the field).
+        that changes the math, holds an option qlora does not know at a non-empty value, gives
+        a scaling float32 cannot hold, or the tensors are inconsistent with it (the message
+        names the file and the field).
 
     Examples
     --------
@@ -168,9 +203,24 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise bad("peft_type", f"only 'LORA' adapters are supported, got {peft_type!r}")
-    for key, why in _UNSUPPORTED.items():
-        if config.get(key):
-            raise bad(key, f"{why}; not supported by qlora")
+    for key, value in config.items():
+        if key in _UNSUPPORTED:
+            if not _is_empty(value):
+                raise bad(key, f"{value!r}: {_UNSUPPORTED[key]}; not supported by qlora")
+        elif key in _INIT_CONFIGS:
+            if not _is_empty(value):
+                raise bad(key, f"{value!r}: the adapter was initialised by a method that "
+                          "rewrites the base weight; qlora needs a plain LoRA adapter")
+        elif key not in _USED and key not in _HARMLESS and not _is_empty(value):
+            raise bad(key, f"unknown option with value {value!r}: it may change the math, so "
+                      "qlora refuses it (only empty values of unknown options are accepted)")
+    init = config.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise bad("init_lora_weights", f"{init!r} rewrites the base weight, so the adapter "
+                      "only fits that rewritten base; convert it to a plain LoRA with PEFT "
+                      "(path_initial_model_for_weight_conversion) first")
+        raise bad("init_lora_weights", f"must be one of {_PLAIN_INITS}, got {init!r}")
     if config.get("bias", "none") != "none":
         raise bad("bias", f"{config.get('bias')!r}: the adapter trains base-layer biases; only "
                   "'none' is supported")
@@ -180,7 +230,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         raise bad("r", f"must be a positive integer, got {r!r}")
     if _finite(alpha) is None:
         raise bad("lora_alpha", f"must be a finite number, got {alpha!r}")
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
+    if type(rslora) is not bool:
+        raise bad("use_rslora", f"must be true or false, got {rslora!r}")
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     for field, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
