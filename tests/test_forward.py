@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import reference as ref
+import qlora
 from conftest import ISAS, SIMD_ISAS, use_isa
 from qlora import QLoraLinear, _core
 
@@ -313,3 +314,24 @@ def test_misaligned_out_is_refused(aligned_core):
     np.testing.assert_array_equal(layer(x), y)
     with pytest.raises(TypeError, match="out"):
         layer(x, out=np.zeros((5, 40), ">f4"))
+
+
+@pytest.mark.parametrize("group_size", [64, 48])
+def test_results_depend_on_the_chunk_size_as_the_readme_says(isa, group_size, restore_threads):
+    # README "Determinism": a call is cut into 256-row chunks and each chunk's size picks the
+    # kernel (1 row: batch-1; 2-8: small-batch on AVX-512 with aligned groups; else GEMM). A row
+    # is bit-identical wherever its chunk has the same kernel, whatever the thread count.
+    rng = np.random.default_rng(11)
+    layer = make_layer(96, 256, rank=3, group_size=group_size)
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    one = layer(x[:1])[0]
+    np.testing.assert_array_equal(layer(x[:257])[256], layer(x[256:257])[0])  # a 1-row chunk
+    np.testing.assert_array_equal(layer(x[:9])[0], layer(x[:256])[0])  # GEMM both times
+    np.testing.assert_array_equal(layer(x[:2])[0], layer(x[:8])[0])  # the same kernel
+    if isa == "scalar":
+        np.testing.assert_array_equal(layer(x[:32])[0], one)  # one order for every batch
+    for b in (1, 2, 8, 9, 32):
+        assert_close(layer(x[:b]), x[:b], layer)
+    for threads in (1, 2, 3):
+        qlora.set_num_threads(threads)
+        np.testing.assert_array_equal(layer(x[:1])[0], one)
