@@ -134,6 +134,9 @@ def weight_from_bnb(state_dict: Mapping[str, Any],
     num_groups = -(-n // group_size)
 
     weight = _get(state_dict, prefix, "weight")
+    if weight.dtype.kind not in "biuf":
+        raise _err(prefix, "weight", f"must be packed 4-bit codes (uint8), got dtype "
+                   f"{weight.dtype}")
     if weight.dtype != np.uint8:
         # bitsandbytes may store the packed bytes in another dtype (quant_storage).
         weight = np.ascontiguousarray(weight).reshape(-1).view(np.uint8)
@@ -155,13 +158,17 @@ def weight_from_bnb(state_dict: Mapping[str, Any],
             raise _err(prefix, "quant_state['nested_dtype']",
                        f"must be 'float32', got {qs.get('nested_dtype')!r}")
         offset = qs.get("nested_offset")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
-                or not math.isfinite(offset):
+        try:
+            finite = (not isinstance(offset, bool) and isinstance(offset, (int, float))
+                      and math.isfinite(offset))
+        except OverflowError:  # a JSON integer beyond the float range
+            finite = False
+        if not finite:
             raise _err(prefix, "quant_state['nested_offset']",
-                       f"must be a finite number, got {offset!r}")
+                       f"must be a finite number, got {offset!r:.40}")
         try:  # the core adds it to every scale in float32
             check_f32_range(float(offset), "nested_offset", zero_ok=True)
-        except (ValueError, OverflowError) as exc:
+        except ValueError as exc:
             raise _err(prefix, "quant_state['nested_offset']", str(exc)) from None
         if nested_absmax is None:
             raise _err(prefix, "weight.nested_absmax", "missing (the quant state says "
