@@ -18,7 +18,7 @@ from . import _core
 from ._state import (Adapter, LayerState, frozen, make_state, new_adapter,
                      quantize_weight)
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
-                        check_out, check_scaling, float32_matrix)
+                        check_out, check_path, check_scaling, float32_matrix)
 from .formats import bnb as _bnb
 from .formats import files as _files
 from .formats import pickled as _pickle
@@ -437,10 +437,12 @@ class QLoraLinear:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or os.PathLike.
         OSError
             If the file cannot be written.
         """
-        _files.write_layers(path, {"layer": self._state})
+        _files.write_layers(check_path(path, "path"), {"layer": self._state})
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]", *, mmap: bool = True) -> "QLoraLinear":
@@ -460,12 +462,15 @@ class QLoraLinear:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or os.PathLike, or ``mmap`` is not a bool.
         OSError
             If the file cannot be read.
         ValueError
             If the file is not a valid qlora file or does not hold exactly one layer; the
             message names the file and the field.
         """
+        path = check_path(path, "path")
         layers = _files.read_layers(path, mmap=check_bool(mmap, "mmap"))
         if len(layers) != 1:
             raise ValueError(f"{os.fspath(path)}: holds {len(layers)} layers "

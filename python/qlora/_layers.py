@@ -7,7 +7,7 @@ import os
 from typing import Mapping
 
 from ._layer import QLoraLinear, layer_from_state, layer_states
-from ._validate import check_bool
+from ._validate import check_bool, check_path
 from .formats import files as _files
 
 __all__ = ["load_layers", "save_layers"]
@@ -29,7 +29,8 @@ def save_layers(path: "str | os.PathLike[str]", layers: Mapping[str, QLoraLinear
     Raises
     ------
     TypeError
-        If ``layers`` is not a mapping of QLoraLinear.
+        If ``path`` is not a str or os.PathLike, or ``layers`` is not a mapping of
+        QLoraLinear.
     ValueError
         If it is empty or a name is empty.
     OSError
@@ -39,6 +40,7 @@ def save_layers(path: "str | os.PathLike[str]", layers: Mapping[str, QLoraLinear
     --------
     >>> qlora.save_layers("model.qlora.safetensors", {"up": up, "down": down})  # doctest: +SKIP
     """
+    path = check_path(path, "path")
     _files.write_layers(path, layer_states(layers))
 
 
@@ -64,13 +66,13 @@ def load_layers(path: "str | os.PathLike[str]", *, mmap: bool = True) -> dict[st
     Raises
     ------
     TypeError
-        If ``mmap`` is not a bool.
+        If ``path`` is not a str or os.PathLike, or ``mmap`` is not a bool.
     OSError
         If the file cannot be opened or read.
     ValueError
         If it is not a valid qlora safetensors file; the message names the file and the
         field (header length, a tensor's offsets or shape, a layer's group size, ...).
     """
-    mmap = check_bool(mmap, "mmap")
+    path, mmap = check_path(path, "path"), check_bool(mmap, "mmap")
     states = _files.read_layers(path, mmap=mmap)
     return {name: layer_from_state(state) for name, state in states.items()}

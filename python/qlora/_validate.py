@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -18,6 +19,7 @@ __all__ = [
     "check_finite",
     "check_int",
     "check_out",
+    "check_path",
     "check_positive_float",
     "check_scaling",
     "describe_dtype",
@@ -117,6 +119,18 @@ def check_positive_float(value: object, name: str) -> float:
     if not np.isfinite(result) or result <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {result}")
     return result
+
+
+def check_path(value: object, name: str) -> str:
+    """Return `value` (a str or os.PathLike of str) as a str path; anything else raises
+    TypeError naming the argument."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return path
+    raise TypeError(f"{name} must be a str or os.PathLike, got {type(value).__name__}")
 
 
 def check_bool(value: object, name: str) -> bool:

@@ -4,12 +4,14 @@ formatting and the choice of tensors ``qlora quantize`` takes (``inspect`` shows
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 
 from ..formats.safetensors import SafetensorsFile
 
-__all__ = ["DEFAULT_SKIP", "FLOAT_DTYPES", "check_input", "human", "parse_shape", "select"]
+__all__ = ["DEFAULT_SKIP", "FLOAT_DTYPES", "check_input", "human", "nonneg_float", "nonneg_int",
+           "parse_shape", "positive_float", "positive_int", "select"]
 
 # Matched (re.search, case-insensitive) against tensor names.
 DEFAULT_SKIP = r"embed|norm|lm_head|(^|\.)(wte|wpe|ln_[^.]*|ln)(\.|$)"
@@ -26,6 +28,44 @@ def parse_shape(text: str) -> tuple[int, int]:
     if min(value) < 1:
         raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
     return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_above(low: float, inclusive: bool):
+    need = f"a finite number {'>=' if inclusive else '>'} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+        return value
+
+    parse.__name__ = need
+    return parse
+
+
+# argparse value types: a bad value exits with status 2 and "argument --NAME: must be ...,
+# got 'TEXT'".
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+positive_float = _float_above(0.0, inclusive=False)
+nonneg_float = _float_above(0.0, inclusive=True)
 
 
 def check_input(path: str) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 from .._layer import QLoraLinear, layer_states
 from ..formats.files import SUFFIXES, layer_tensors, layers_metadata
 from ..formats.safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
-from .common import DEFAULT_SKIP, FLOAT_DTYPES, check_input, human, select
+from .common import (DEFAULT_SKIP, FLOAT_DTYPES, check_input, human, nonneg_int, positive_float,
+                     positive_int, select)
 
 __all__ = ["register"]
 
@@ -38,13 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IN.safetensors")
     p.add_argument("output", metavar="OUT.safetensors")
-    p.add_argument("--group-size", type=int, default=64, help="elements per absmax group (64)")
+    p.add_argument("--group-size", type=positive_int, default=64,
+                   help="elements per absmax group (64)")
     p.add_argument("--double-quant", action="store_true",
                    help="double-quantize the group scales (~4.13 instead of 4.5 bits/param)")
-    p.add_argument("--rank", type=int, default=8,
+    p.add_argument("--rank", type=positive_int, default=8,
                    help="LoRA rank (8; lowered to min(out, in) for smaller matrices)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA A initialisation")
+    p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (16)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the LoRA A initialisation")
     p.add_argument("--include", metavar="REGEX", help="only quantize tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="never quantize tensors whose name matches")
     p.add_argument("--all-matrices", action="store_true",
@@ -78,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output}: already exists (use --force to overwrite)")
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory does not exist")
-    if args.group_size < 1:
-        raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
-    if args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}")
     include = _regex(args.include, "--include")
     exclude = _regex(args.exclude, "--exclude")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_f32_range
+from .._validate import check_f32_range, check_path
 from .safetensors import SafetensorsFile, bf16_to_float32
 
 __all__ = ["LoraWeights", "load_peft_adapter"]
@@ -184,7 +184,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     >>> layers["model.layers.0.mlp.up_proj"].load_adapter(
     ...     adapters["model.layers.0.mlp.up_proj"])  # doctest: +SKIP
     """
-    folder = os.fspath(folder)
+    folder = check_path(folder, "folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: not a directory (expected a PEFT adapter folder)")
     config_path = os.path.join(folder, "adapter_config.json")

@@ -31,7 +31,7 @@ from ... import _core
 from ..._layer import QLoraLinear
 from ..._runtime import get_num_threads, set_num_threads
 from ..._state import make_state, new_adapter, quantize_weight
-from ..common import parse_shape
+from ..common import nonneg_float, nonneg_int, parse_shape, positive_float, positive_int
 from .machine import (blas_info, cpu_name, llc_bytes, machine_cpu_seconds, mem_total_bytes,
                       own_cpu_seconds)
 from .methods import (COLD_CACHE_FACTOR, COLD_MEM_SHARE, GROUP_SIZE, METHOD_NAMES, ColdPlan,
@@ -71,15 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "14336x4096)")
     p.add_argument("--batch", type=_batch_list, action="append", metavar="B[,B...]",
                    help="batch sizes, comma-separated or repeated (default 1,8,32,128,512)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="threads for every method (default qlora.get_num_threads())")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke preset: one 1024x1024 shape, batches 1,8, short timing")
-    p.add_argument("--min-reps", type=int, default=None, help="calls per cell at least (default 5)")
-    p.add_argument("--min-time", type=float, default=None,
+    p.add_argument("--min-reps", type=positive_int, default=None,
+                   help="calls per cell at least (default 5)")
+    p.add_argument("--min-time", type=nonneg_float, default=None,
                    help="seconds per cell at least, once min-reps are done (default 0.2)")
-    p.add_argument("--max-call-seconds", type=float, default=None,
+    p.add_argument("--max-call-seconds", type=positive_float, default=None,
                    help="skip a scalar-kernel cell whose single call is predicted to exceed "
                    "this (default 1)")
     p.add_argument("--methods", default=None,
@@ -89,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "last-level cache and cycle through them, so each call reads its weight "
                    "from DRAM (default: one weight per method, timed hot)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=run)
 
 
@@ -251,8 +252,6 @@ def run(args: argparse.Namespace, out=None) -> int:
     shapes = args.shape or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     batches = sorted({b for group in args.batch for b in group}) if args.batch else (
         QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
-    if args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}")
     for o, i in shapes:
         if args.rank > min(o, i):
             raise ValueError(f"--rank must be <= min(out, in) = {min(o, i)} for shape {o}x{i}, "
@@ -269,15 +268,15 @@ def run(args: argparse.Namespace, out=None) -> int:
     if args.quick:
         budget = Budget(min_reps=3, min_time=0.05, max_cell_time=1.0, max_call_seconds=1.0)
     if args.min_reps is not None:
-        budget.min_reps = max(1, args.min_reps)
+        budget.min_reps = args.min_reps
     if args.min_time is not None:
-        budget.min_time = max(0.0, args.min_time)
+        budget.min_time = args.min_time
     if args.max_call_seconds is not None:
         budget.max_call_seconds = args.max_call_seconds
 
     threads = get_num_threads() if args.threads is None else args.threads
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise FileNotFoundError(f"--json {args.json}: its directory does not exist")
     opt = import_optional()  # before threadpoolctl looks, so torch's OpenMP is seen and limited
     set_num_threads(threads)
     if opt.torch is not None:
