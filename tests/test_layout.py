@@ -170,3 +170,20 @@ def test_no_file_is_too_long():
         with open(path, encoding="utf-8") as f:
             n = sum(1 for _ in f)
         assert n <= 650, f"{name} has {n} lines; split it by job"
+
+
+def test_console_script_entry_point_resolves():
+    # pyproject's [project.scripts] names qlora.cli:main; the cli package must keep exposing it.
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(PKG_DIR)), "pyproject.toml")
+    if not os.path.exists(pyproject):
+        pytest.skip("pyproject.toml is not next to the package (installed wheel)")
+    with open(pyproject, "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    entry = importlib.metadata.EntryPoint(name="qlora", value=scripts["qlora"],
+                                          group="console_scripts")
+    from qlora.cli.main import main
+
+    assert entry.load() is main
