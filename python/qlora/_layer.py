@@ -1,5 +1,5 @@
-"""The public QLoraLinear class and the layer-level file functions: argument validation, then
-the C++ core (qlora._core) for arithmetic and the converters (qlora.formats) for files.
+"""The public QLoraLinear class: argument validation, then the C++ core (qlora._core) for
+arithmetic and the converters (qlora.formats) for files and interop.
 
 A layer holds one immutable :class:`qlora._state.LayerState` in one attribute; setters build
 a new state and store it with one write. A forward reads the attribute once, so a forward
@@ -15,8 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from . import _core
-from ._state import (Adapter, LayerState, frozen, make_state, new_adapter,
-                     quantize_weight)
+from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
                         check_out, check_path, check_scaling, float32_matrix)
 from .formats import bnb as _bnb

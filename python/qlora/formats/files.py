@@ -35,7 +35,7 @@ import numpy as np
 from .. import _core
 from .._state import Adapter, LayerState, Nf4Weight, make_state
 from .._validate import check_f32_range
-from .safetensors import SafetensorsFile, _no_duplicates, write_safetensors
+from .safetensors import SafetensorsFile, no_duplicates, write_safetensors
 
 __all__ = ["CODES_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "SUFFIXES", "layer_tensors",
            "layers_metadata", "read_layers", "read_layers_metadata", "write_layers"]
@@ -220,7 +220,7 @@ def read_layers_metadata(st: SafetensorsFile) -> dict:
     if layout != CODES_LAYOUT:
         raise st.error("__metadata__.codes_layout", f"must be {CODES_LAYOUT!r}, got {layout!r}")
     try:
-        layers = json.loads(meta.get("layers", ""), object_pairs_hook=_no_duplicates)
+        layers = json.loads(meta.get("layers", ""), object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as exc:
         raise st.error("__metadata__.layers", f"not valid JSON ({exc})") from None
     if not isinstance(layers, dict) or not layers:

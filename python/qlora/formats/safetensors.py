@@ -25,7 +25,7 @@ from typing import IO, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 
 __all__ = ["SafetensorsFile", "TensorInfo", "bf16_to_float32", "bits_of", "nbytes_of",
-           "write_safetensors"]
+           "no_duplicates", "write_safetensors"]
 
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -91,7 +91,8 @@ class TensorInfo(NamedTuple):
         return self.end - self.begin
 
 
-def _no_duplicates(pairs: list) -> dict:
+def no_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` for json.loads: a key given twice is a ValueError."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
@@ -169,7 +170,7 @@ class SafetensorsFile:
             raise self.error("header", f"expected {n} bytes, read {len(raw)}")
         try:
             text = raw.decode("utf-8")
-            header = json.loads(text, object_pairs_hook=_no_duplicates)
+            header = json.loads(text, object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self.error("header", f"not valid UTF-8 JSON ({exc})") from None
         if not isinstance(header, dict):
