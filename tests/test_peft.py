@@ -174,3 +174,18 @@ def test_half_precision_adapter(tmp_path):
     want = model.base_model.model.fc1.lora_A["default"].weight.detach().float().numpy()
     np.testing.assert_array_equal(ad["fc1"].a, want)
     assert math.isclose(ad["fc1"].scaling, 2.0)
+
+
+def test_every_lora_config_field_is_classified():
+    # The allow-list must know every field the installed PEFT writes, so an adapter saved with
+    # a default config always loads and no field is "unknown" by accident.
+    import dataclasses
+
+    from qlora.formats import peft as qpeft
+
+    known = qpeft._USED | qpeft._HARMLESS | set(qpeft._UNSUPPORTED) | qpeft._INIT_CONFIGS
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - known == set()
+    # And the classification is not vacuous: the math-changing ones are not "harmless".
+    assert not (set(qpeft._UNSUPPORTED) & qpeft._HARMLESS)
+    assert {"use_dora", "fan_in_fan_out", "modules_to_save"} <= set(qpeft._UNSUPPORTED)
