@@ -6,6 +6,7 @@ this process (``qlora.cli.main``), so its code is measured by coverage too."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import runpy
@@ -91,6 +92,17 @@ def test_missing_and_unwritable_paths(tmp_path, layer):
     assert not (tmp_path / "no-dir").exists()
     with pytest.raises(IsADirectoryError):
         qlora.load_layers(tmp_path)
+
+
+def test_special_files_are_refused_before_opening(tmp_path):
+    # A FIFO would block open() forever; a device would be read without end.
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    os.symlink("/dev/zero", tmp_path / "zero.safetensors")
+    for name in ("fifo.safetensors", "zero.safetensors"):
+        with raises(ValueError, name, "not a regular file"):
+            qlora.load_layers(tmp_path / name)
+        with raises(ValueError, name, "not a regular file"):
+            QLoraLinear.load(tmp_path / name)
 
 
 def test_load_refuses_a_file_of_several_layers(tmp_path, layer):

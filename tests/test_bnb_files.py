@@ -122,7 +122,9 @@ PLAIN, _ = bnb_sd(np.random.default_rng(4).standard_normal((8, 64)))
     (_edit(GOOD, shape=[8]), r"quant_state\['shape'\]: must be \[out_features, in_features\]"),
     (_edit(GOOD, shape=[8, 0]), r"quant_state\['shape'\]"),
     (_edit(GOOD, shape=[2 ** 31, 2 ** 31]), "too large"),
-    (_edit(GOOD, blocksize=0), r"quant_state\['blocksize'\]: must be a positive integer, got 0"),
+    (_edit(GOOD, blocksize=0), r"quant_state\['blocksize'\]: must be a positive integer below "
+     r"2\*\*62, got 0"),
+    (_edit(GOOD, blocksize=2 ** 63), r"quant_state\['blocksize'\]: .* got 9223372036854775808"),
     (_edit(GOOD, blocksize="64"), r"quant_state\['blocksize'\]"),
     (_edit(GOOD, blocksize=32), "weight.absmax: must hold 16 elements"),
     (_edit(GOOD, nested_blocksize=128), r"nested_blocksize'\]: must be 256, got 128"),
@@ -146,6 +148,10 @@ PLAIN, _ = bnb_sd(np.random.default_rng(4).standard_normal((8, 64)))
     ({**GOOD, "weight": object()}, "weight: must be packed 4-bit codes .uint8., got dtype object"),
     ({**GOOD, "bias": np.zeros(7, np.float32)}, r"bias must have shape \(8,\), got \(7,\)"),
     ({**GOOD, "bias": np.full(8, np.nan, np.float32)}, "bias must be finite"),
+    ({**GOOD, "bias": np.ones(8, bool)}, "bias: bias must have a real numeric dtype .*got bool"),
+    ({**GOOD, "weight.nested_quant_map": np.full(256, 3e38, np.float32),
+      "weight.nested_absmax": np.full(1, 10.0, np.float32)},
+     "nested_quant_map: .* overflows float32"),
 ])
 def test_bad_states_raise_clear_errors(sd, match):
     with pytest.raises(ValueError, match=match):

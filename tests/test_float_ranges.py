@@ -148,6 +148,27 @@ def test_file_metadata_out_of_float32_range(tmp_path, key, value):
         QLoraLinear.load(path)
 
 
+@pytest.mark.parametrize("key", ["scaling", "nested_offset", "alpha"])
+def test_file_metadata_integer_too_large_for_a_float(tmp_path, key):
+    path = tmp_path / "l.safetensors"
+    _layer(dq=True).save(path)
+    rewrite_metadata(path, lambda info: info.__setitem__(key, 10 ** 400))
+    with pytest.raises(ValueError, match=rf"layers\['layer'\]\.{key}: must be a finite float32"):
+        QLoraLinear.load(path)
+
+
+def test_file_nested_map_that_overflows_the_decoded_scales(tmp_path):
+    path = tmp_path / "l.safetensors"
+    _layer(dq=True).save(path)
+    st = SafetensorsFile(path, mmap=False)
+    tensors = [(k, st.raw(k), info.dtype, info.shape) for k, info in st.tensors.items()
+               if k != "layer.nested_map"]
+    tensors.append(("layer.nested_map", np.full(256, 3e38, np.float32), None))
+    write_safetensors(path, tensors, st.metadata)
+    with pytest.raises(ValueError, match="'layer.nested_map': .* overflows float32"):
+        QLoraLinear.load(path)
+
+
 def test_file_metadata_zero_offset_is_fine(tmp_path):
     path = tmp_path / "l.safetensors"
     layer = _layer(dq=True)

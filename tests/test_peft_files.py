@@ -211,6 +211,34 @@ def test_bad_config_values(tmp_path, config, field):
         qlora.load_peft_adapter(tmp_path / "a")
 
 
+@pytest.mark.parametrize("key", ["a{4294967296}", "(", "[z-a]"])
+def test_pattern_keys_that_are_not_regular_expressions(tmp_path, key):
+    write_peft(tmp_path / "a", {"rank_pattern": {key: 2}})
+    with pytest.raises(ValueError, match="rank_pattern: key .* is not a valid regular expression"):
+        qlora.load_peft_adapter(tmp_path / "a")
+
+
+def test_zero_rank_adapter_is_refused(tmp_path):
+    write_peft(tmp_path / "a", {"rank_pattern": {"fc": 0}}, {"fc": (0, IN, OUT)})
+    with pytest.raises(ValueError, match=r"lora_A.weight' shape: must have at least one row"):
+        qlora.load_peft_adapter(tmp_path / "a")
+
+
+@pytest.mark.parametrize("which", ["adapter_config.json", "adapter_model.safetensors"])
+def test_special_files_in_an_adapter_folder(tmp_path, which):
+    # An adapter unpacked from an untrusted archive may hold a FIFO (open() would block
+    # forever) or a symlink to a device (read without end): refused before opening.
+    write_peft(tmp_path / "a")
+    os.unlink(tmp_path / "a" / which)
+    os.mkfifo(tmp_path / "a" / which)
+    with pytest.raises(ValueError, match=f"{which}: not a regular file"):
+        qlora.load_peft_adapter(tmp_path / "a")
+    os.unlink(tmp_path / "a" / which)
+    os.symlink("/dev/zero", tmp_path / "a" / which)
+    with pytest.raises(ValueError, match=f"{which}: not a regular file"):
+        qlora.load_peft_adapter(tmp_path / "a")
+
+
 def test_rank_pattern_must_match_the_tensors(tmp_path):
     write_peft(tmp_path / "a", {"rank_pattern": {"fc": 5}})
     with pytest.raises(ValueError, match="has rank 2 but the config gives module 'fc' r = 5"):
@@ -233,10 +261,19 @@ def test_missing_files(tmp_path):
         qlora.load_peft_adapter(tmp_path / "a")
 
 
-@pytest.mark.parametrize("text, msg", [("{", "not valid JSON"), ("[1, 2]", "JSON object")])
+@pytest.mark.parametrize("text, msg", [
+    ("{", "not valid UTF-8 JSON"), ("[1, 2]", "JSON object"),
+    ('{"x": ' + "[" * 100000 + "]" * 100000 + "}", "not valid UTF-8 JSON"),  # recursion
+    (b"\xff{}", "not valid UTF-8 JSON"),
+    (" " * (1 << 20) + "{}", "larger than 1048576 bytes"),
+])
 def test_bad_config_json(tmp_path, text, msg):
     write_peft(tmp_path / "a")
-    (tmp_path / "a" / "adapter_config.json").write_text(text)
+    path = tmp_path / "a" / "adapter_config.json"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     with pytest.raises(ValueError, match=msg):
         qlora.load_peft_adapter(tmp_path / "a")
 

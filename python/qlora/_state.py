@@ -222,7 +222,8 @@ def dequantize_scales(qscales: np.ndarray, nested_scales: np.ndarray, nested_map
                       offset: float) -> np.ndarray:
     """``nested_map[q] * nested_scales[i // 256] + offset`` with two float32 roundings."""
     rep = np.repeat(nested_scales, NESTED_BLOCK)[: qscales.size]
-    return (nested_map[qscales] * rep + np.float32(offset)).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow gives inf, which the loaders report
+        return (nested_map[qscales] * rep + np.float32(offset)).astype(np.float32)
 
 
 def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

@@ -82,8 +82,9 @@ def _read_quant_state(sd: Mapping[str, Any], prefix: str) -> dict:
 
 def _int_field(qs: dict, prefix: str, name: str) -> int:
     v = qs.get(name)
-    if type(v) is not int or v < 1:
-        raise _err(prefix, f"quant_state[{name!r}]", f"must be a positive integer, got {v!r}")
+    if type(v) is not int or not 1 <= v < 2 ** 62:  # the core takes int64
+        raise _err(prefix, f"quant_state[{name!r}]", f"must be a positive integer below "
+                   f"2**62, got {v!r:.40}")
     return v
 
 
@@ -198,9 +199,15 @@ def weight_from_bnb(state_dict: Mapping[str, Any],
 
     weight = Nf4Weight(out_features, in_features, group_size, frozen(codes), own(scales),
                        own(qscales), own(nested_absmax), own(nmap), float(np.float32(offset)))
+    if nested and not np.isfinite(weight.decoded_scales()).all():
+        raise _err(prefix, "weight.nested_quant_map", "nested_quant_map * nested_absmax + "
+                   "nested_offset overflows float32: the decoded absmax hold inf")
     bias = _get(state_dict, prefix, "bias", required=False)
     if bias is not None:
-        bias = float32_matrix(bias, "bias", (out_features,))
+        try:
+            bias = float32_matrix(bias, "bias", (out_features,))
+        except (TypeError, ValueError) as exc:  # a state dict's content: always ValueError
+            raise _err(prefix, "bias", str(exc)) from None
     return weight, bias
 
 

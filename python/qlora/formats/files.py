@@ -123,10 +123,14 @@ class _Reader:
 
     def meta_float(self, name: str, info: dict, key: str, positive: bool) -> float:
         v = info.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or (positive and v <= 0):
+        try:
+            finite = (not isinstance(v, bool) and isinstance(v, (int, float))
+                      and math.isfinite(v))
+        except OverflowError:  # a JSON integer beyond the float range
+            finite = False
+        if not finite or (positive and v <= 0):
             need = "a finite float32 number" + (" > 0" if positive else "")
-            raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r}")
+            raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r:.40}")
         try:  # the core computes with it in float32
             return check_f32_range(float(v), key, zero_ok=not positive)
         except (ValueError, OverflowError) as exc:
@@ -199,6 +203,9 @@ class _Reader:
                 raise self.fail(f"tensor {key!r}", "is present but the metadata of layer "
                                 f"{name!r} does not call for it")
         weight = Nf4Weight(out_f, in_f, gs, codes, scales, qs, ns, nm, float(np.float32(offset)))
+        if dq and not np.isfinite(weight.decoded_scales()).all():
+            raise self.fail(f"tensor {name + '.nested_map'!r}", "nested_map * nested_scales + "
+                            "nested_offset overflows float32: the decoded scales hold inf")
         try:
             return make_state(weight, Adapter(a, b, scaling), bias)
         except ValueError as exc:  # the core's own checks; should not trigger after ours

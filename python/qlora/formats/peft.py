@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 
 from .._validate import check_f32_range, check_path
-from .safetensors import SafetensorsFile, bf16_to_float32
+from .safetensors import SafetensorsFile, bf16_to_float32, require_regular_file
 
 __all__ = ["LoraWeights", "load_peft_adapter"]
 
 _PREFIX = "base_model.model."
+# A real adapter_config.json is a few KB; a larger one is not read whole into memory.
+MAX_CONFIG_BYTES = 1 << 20
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 # Config options whose non-default values change what the adapter computes.
@@ -126,8 +128,8 @@ def _pattern_value(patterns: dict, module: str, default: Any, field: str,
     for key, value in patterns.items():
         try:
             match = re.match(rf"(.*\.)?({key})$", module)
-        except re.error as exc:
-            raise ValueError(f"{config_path}: {field}: key {key!r} is not a valid regular "
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise ValueError(f"{config_path}: {field}: key {key!r:.80} is not a valid regular "
                              f"expression ({exc})") from None
         if match:
             return value
@@ -189,11 +191,16 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         raise FileNotFoundError(f"{folder}: not a directory (expected a PEFT adapter folder)")
     config_path = os.path.join(folder, "adapter_config.json")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    require_regular_file(config_path)
+    with open(config_path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter "
+                         "config")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{config_path}: not valid UTF-8 JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: must hold a JSON object")
 
@@ -264,6 +271,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         a = _as_f32(st, keys["a"])
         b = _as_f32(st, keys["b"])
         rank = a.shape[0]
+        if rank < 1:
+            raise st.error(f"tensor {keys['a']!r} shape", f"must have at least one row "
+                           f"(rank >= 1), got {a.shape}")
         if b.shape[1] != rank:
             raise st.error(f"tensor {keys['b']!r} shape", f"must be (out_features, {rank}) to "
                            f"match lora_A {a.shape}, got {b.shape}")

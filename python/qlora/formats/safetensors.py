@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap as _mmap
 import os
+import stat
 import struct
 import tempfile
 from typing import IO, Iterable, Iterator, Mapping, NamedTuple
@@ -25,7 +26,7 @@ from typing import IO, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 
 __all__ = ["SafetensorsFile", "TensorInfo", "bf16_to_float32", "bits_of", "nbytes_of",
-           "no_duplicates", "write_safetensors"]
+           "no_duplicates", "require_regular_file", "write_safetensors"]
 
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -60,6 +61,17 @@ _NUMPY_TO_ST = {
     np.dtype("<u8"): "U64", np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
     np.dtype("?"): "BOOL",
 }
+
+
+def require_regular_file(path: str) -> None:
+    """Raise ValueError unless `path` (after symlinks) is a regular file: a FIFO would block
+    ``open`` forever and a device such as /dev/zero would be read without end. OSError if it
+    does not exist."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path}: is a directory, expected a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket)")
 
 
 def bits_of(dtype: str) -> int | None:
@@ -129,6 +141,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike, *, mmap: bool = True,
                  header_only: bool = False) -> None:
         self.path = os.fspath(path)
+        require_regular_file(self.path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self.file_size = size
