@@ -6,6 +6,7 @@ this process (``qlora.cli.main``), so its code is measured by coverage too."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -18,7 +19,7 @@ import pytest
 import qlora
 from qlora import QLoraLinear
 from qlora.cli import main
-from qlora.formats.safetensors import write_safetensors
+from qlora.formats.safetensors import SafetensorsFile, write_safetensors
 
 
 def raises(exc, *fragments):
@@ -294,3 +295,20 @@ def test_python_dash_m_runs_the_cli(capsys, monkeypatch):
         runpy.run_module("qlora", run_name="__main__", alter_sys=True)
     assert info.value.code == 0
     assert parse_demo(capsys.readouterr().out)["fp32"] == 4 * 32 * 64
+
+
+def test_inspect_shows_a_damaged_alpha_instead_of_failing(capsys, tmp_path, layer):
+    path = tmp_path / "l.safetensors"
+    layer.save(path)
+    st = SafetensorsFile(path, mmap=False)
+    meta = dict(st.metadata)
+    layers = json.loads(meta["layers"])
+    layers["layer"]["alpha"] = "x"
+    meta["layers"] = json.dumps(layers)
+    write_safetensors(path, [(k, st.raw(k), i.dtype, i.shape) for k, i in st.tensors.items()],
+                      meta)
+    rc, out, _ = run_cli(capsys, "inspect", str(path))
+    assert rc == 0 and "'x'" in out and "8x64" in out
+    # Loading it is refused: the loader checks every number.
+    with raises(ValueError, "layers['layer'].alpha", "got 'x'"):
+        QLoraLinear.load(path)

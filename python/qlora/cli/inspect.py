@@ -68,11 +68,18 @@ def _qlora(st: SafetensorsFile) -> None:
         if not isinstance(info, dict):
             info = {}
         rows.append((name, f"{info.get('out_features')}x{info.get('in_features')}",
-                     info.get("group_size"), info.get("rank"), f"{info.get('alpha', 0):g}",
+                     info.get("group_size"), info.get("rank"), _number(info.get("alpha")),
                      "yes" if info.get("double_quant") else "no",
                      "yes" if info.get("bias") else "no", human(nbytes)))
     _table(("layer", "shape", "group", "rank", "alpha", "double_quant", "bias", "bytes"), rows)
     _others(st, owned)
+
+
+def _number(v: object) -> str:
+    """A metadata number for the table; anything else (a damaged file) as its repr."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:g}"
+    return repr(v)
 
 
 def _bnb(st: SafetensorsFile) -> None:
