@@ -70,7 +70,7 @@ def bnb_codes(layer: qlora.QLoraLinear) -> np.ndarray:
     """The layer's codes in bitsandbytes' flat packing (uint8, (n + 1) // 2)."""
     out, inp = layer.out_features, layer.in_features
     flat = np.empty((out * inp + 1) // 2, np.uint8)
-    _core.codes_to_bnb(layer._w.codes, out, inp, flat)
+    _core.codes_to_bnb(layer._state.weight.codes, out, inp, flat)
     return flat
 
 

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 from . import _core
-from ._io import load_layers, save_layers
 from ._layer import QLoraLinear
-from ._peft import LoraWeights, load_peft_adapter
+from ._layers import load_layers, save_layers
+from .formats.peft import LoraWeights, load_peft_adapter
 from ._runtime import active_isa, available_isas, get_num_threads, set_num_threads
 
 __version__: str = _core.__version__
