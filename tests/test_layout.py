@@ -21,6 +21,7 @@ LEVELS = [
     ("qlora._validate", 1),
     ("qlora._state", 2),
     ("qlora._runtime", 2),
+    ("qlora._precision", 1),
     ("qlora.formats", 3),
     ("qlora._layer", 4),
     ("qlora._layers", 5),  # save_layers / load_layers: several layers, built on the layer

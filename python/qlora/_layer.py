@@ -14,7 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _core
+from . import _core, _precision
+from ._precision import PRECISIONS, check_precision
 from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
                         check_out, check_path, check_scaling, float32_matrix)
@@ -133,7 +134,8 @@ class QLoraLinear:
         return cls._from_state(make_state(weight, lora, bias_arr))
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: object, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: object, out: np.ndarray | None = None, *,
+                precision: str | None = None) -> np.ndarray:
         """Apply the layer: ``x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias``.
 
         Parameters
@@ -145,6 +147,13 @@ class QLoraLinear:
         out : numpy.ndarray, optional
             float32, C-contiguous, aligned, writable, of exactly the result shape and not
             overlapping ``x``: written in place and returned.
+        precision : {"fp32", "bf16", "int8"}, optional
+            What the base product ``x @ deq(W).T`` is computed in (the LoRA term and the bias
+            are always float32); default: :func:`qlora.get_precision`. ``"bf16"`` rounds x
+            and each decoded weight to bfloat16; ``"int8"`` quantizes x per row in blocks of
+            32 and uses the NF4 codebook as int8. Where this CPU has no kernel for it (or,
+            for int8, the layer's groups do not hold whole 32-column blocks) the call runs
+            in fp32; :func:`qlora.kernel_info` says which kernel serves what.
 
         Returns
         -------
@@ -154,12 +163,17 @@ class QLoraLinear:
         Raises
         ------
         TypeError
-            If ``x`` is not real numeric, or ``out`` is not a float32 ndarray.
+            If ``x`` is not real numeric, ``out`` is not a float32 ndarray, or ``precision``
+            is not a str.
         ValueError
-            If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, or ``out`` has
+            If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, ``out`` has
             the wrong shape, is not C-contiguous or not aligned, is read-only or overlaps
-            ``x``.
+            ``x``, or ``precision`` is not one of the precisions.
         """
+        if precision is None:
+            precision = _precision.default
+        elif precision not in PRECISIONS:
+            check_precision(precision)
         state = self._state  # read once: one consistent state for the whole call
         w = state.weight
         # Shapes from the namedtuple (plain ints): a pybind11 property read costs ~0.1 us,
@@ -178,7 +192,7 @@ class QLoraLinear:
         # The core takes any leading dimensions (C-contiguous), so nothing is reshaped here.
         if x.size:
             lora = state.lora
-            _core.forward(state.tensor, x, lora.a, lora.b, lora.scaling, state.bias, y)
+            _core.forward(state.tensor, x, lora.a, lora.b, lora.scaling, state.bias, y, precision)
         return y
 
     __call__ = forward
