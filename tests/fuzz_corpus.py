@@ -364,7 +364,8 @@ def check_layer(layer, rng) -> str:
     if deq.shape != (out_f, in_f):
         raise Inconsistent("inconsistent", f"dequantize_weight shape {deq.shape}")
     if not np.isfinite(deq).all():
-        raise Inconsistent("nonfinite_weight", "the dequantized weight holds NaN or Inf")
+        raise Inconsistent("nonfinite_weight", f"the dequantized weight holds NaN or Inf: "
+                           f"{layer!r}")
     a, b, bias = layer.lora_a, layer.lora_b, layer.bias
     if a.shape != (layer.rank, in_f) or b.shape != (out_f, layer.rank):
         raise Inconsistent("inconsistent", f"LoRA shapes {a.shape} {b.shape}")
@@ -483,7 +484,7 @@ class Family:
 
 class QloraFiles(Family):
     kinds = ST_KINDS + ["layer_meta", "layer_meta_text", "layer_meta_field_drop",
-                        "nested_values", "tensor_swap"]
+                        "nested_values", "tensor_swap", "consistent_edit", "consistent_edit"]
 
     def __init__(self, number, tmpdir, mmap: bool):
         super().__init__(number, tmpdir)
@@ -521,6 +522,8 @@ class QloraFiles(Family):
             layers[name][key] = _pick(rng, [F32_MAX, -F32_MAX, 1e-45, 1e-40, 1e-38, 1e38,
                                             2 ** 62, 2 ** 31, 1, 1e-300, 1e-320])
             header["__metadata__"]["layers"] = json.dumps(layers)
+        elif kind == "consistent_edit":  # a re-written, internally consistent file
+            return self._consistent_edit(header, body, layers, name, rng)
         else:  # tensor_swap: two tensors' header entries exchanged
             names = _tensor_names(header)
             x, y = _pick(rng, names), _pick(rng, names)
@@ -530,6 +533,68 @@ class QloraFiles(Family):
         except UnicodeEncodeError:
             return st_build(None, body, raw_header=json.dumps(header).encode(
                 "utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _consistent_edit(header: dict, body: bytes, layers: dict, name: str, rng) -> bytes:
+        """Change one layer's rank, bias, group size or shape and rewrite every tensor and
+        offset to agree (random data of the right size), or claim a huge size consistently
+        in metadata and header without the data to back it. Most of these files load: the
+        checks of the loaded layer then do the work."""
+        tensors = {k: [v["dtype"], list(v["shape"]), body[v["data_offsets"][0]:
+                                                          v["data_offsets"][1]]]
+                   for k, v in header.items() if k != "__metadata__"}
+        info = layers[name]
+        out_f, in_f = info["out_features"], info["in_features"]
+        f32 = lambda *shape: (rng.standard_normal(shape) * 0.3).astype("<f4").tobytes()  # noqa
+        op = int(rng.integers(5))
+        if op == 0:  # another rank
+            r = _pick(rng, [1, 3, 7, 64])
+            info["rank"] = r
+            tensors[f"{name}.lora_a"] = ["F32", [r, in_f], f32(r, in_f)]
+            tensors[f"{name}.lora_b"] = ["F32", [out_f, r], f32(out_f, r)]
+        elif op == 1:  # bias added or removed
+            if info["bias"]:
+                del tensors[f"{name}.bias"]
+            else:
+                tensors[f"{name}.bias"] = ["F32", [out_f], f32(out_f)]
+            info["bias"] = not info["bias"]
+        elif op == 2 and not info["double_quant"]:  # another group size, scales to match
+            gs = _pick(rng, [1, 2, 5, 64, out_f * in_f, out_f * in_f + 1, 2 ** 40])
+            groups = -(-out_f * in_f // gs)
+            info["group_size"] = gs
+            tensors[f"{name}.scales"] = ["F32", [groups],
+                                         np.abs(rng.standard_normal(groups)).astype("<f4")
+                                         .tobytes()]
+        elif op == 3:  # a huge rank, claimed consistently but not backed by data
+            r = _pick(rng, [2 ** 20, 2 ** 31, 2 ** 31 + 1])
+            info["rank"] = r
+            tensors[f"{name}.lora_a"] = ["F32", [r, in_f], b""]
+            tensors[f"{name}.lora_b"] = ["F32", [out_f, r], b""]
+            meta = dict(header["__metadata__"], layers=json.dumps(layers))
+            out_header: dict = {"__metadata__": meta}
+            pos = 0
+            for k, (dt, shape, raw) in tensors.items():
+                size = int(np.prod(shape)) * 4 if raw == b"" else len(raw)
+                out_header[k] = {"dtype": dt, "shape": shape, "data_offsets": [pos, pos + size]}
+                pos += size
+            return st_build(out_header, b"".join(v[2] for v in tensors.values()))
+        else:  # more output rows: codes, scales, LoRA B and bias all grown to match
+            new_out = out_f + int(rng.integers(1, 4))
+            info["out_features"] = new_out
+            row_bytes = tensors[f"{name}.codes"][1][1]
+            tensors[f"{name}.codes"] = ["U8", [new_out, row_bytes], rng.bytes(new_out * row_bytes)]
+            groups = -(-new_out * in_f // info["group_size"])
+            if info["double_quant"]:
+                tensors[f"{name}.qscales"] = ["U8", [groups], rng.bytes(groups)]
+                tensors[f"{name}.nested_scales"] = ["F32", [-(-groups // 256)],
+                                                    f32(-(-groups // 256))]
+            else:
+                tensors[f"{name}.scales"] = ["F32", [groups], f32(groups)]
+            tensors[f"{name}.lora_b"] = ["F32", [new_out, info["rank"]], f32(new_out, info["rank"])]
+            if info["bias"]:
+                tensors[f"{name}.bias"] = ["F32", [new_out], f32(new_out)]
+        meta = dict(header["__metadata__"], layers=json.dumps(layers))
+        return st_write([(k, v[0], v[1], v[2]) for k, v in tensors.items()], meta)
 
     def run(self, data: bytes, seed: int) -> str:
         import qlora
@@ -555,7 +620,7 @@ class QloraFiles(Family):
 
 class BnbDicts(Family):
     kinds = ["drop_key", "dtype", "shape", "value_type", "qs_field", "qs_text", "qs_key",
-             "array_bytes", "nonfinite", "extra_prefix"]
+             "array_bytes", "nonfinite", "extra_prefix", "consistent_edit"]
 
     def __init__(self, number, tmpdir):
         super().__init__(number, tmpdir)
@@ -627,6 +692,24 @@ class BnbDicts(Family):
             arr.reshape(-1)[int(rng.integers(arr.size))] = _pick(
                 rng, [np.nan, np.inf, -np.inf, F32_MAX, -F32_MAX, 1e-45, -1.0, 0.0, 1e30])
             sd[k] = arr
+        elif kind == "consistent_edit":  # another shape/block size, every array to match
+            qs = json.loads(bytes(sd[qkey]).decode())
+            out_f, in_f = int(rng.integers(1, 20)), int(rng.integers(1, 70))
+            bs = _pick(rng, [1, 3, 32, 64, 4096, out_f * in_f, 2 ** 40, 2 ** 62])
+            n = out_f * in_f
+            groups = -(-n // bs)
+            qs.update(shape=[out_f, in_f], blocksize=bs)
+            sd[prefix + "weight"] = np.frombuffer(rng.bytes((n + 1) // 2), np.uint8).reshape(-1, 1)
+            if "nested_offset" in qs:
+                sd[prefix + "weight.absmax"] = np.frombuffer(rng.bytes(groups), np.uint8).copy()
+                sd[prefix + "weight.nested_absmax"] = np.abs(
+                    rng.standard_normal(-(-groups // 256))).astype(np.float32)
+            else:
+                sd[prefix + "weight.absmax"] = np.abs(rng.standard_normal(groups)).astype(
+                    np.float32)
+            if prefix + "bias" in sd or rng.integers(2):
+                sd[prefix + "bias"] = rng.standard_normal(out_f).astype(np.float32)
+            sd[qkey] = np.frombuffer(json.dumps(qs).encode(), np.uint8).copy()
         else:  # extra_prefix: keys under another prefix, or the prefix missing
             sd = {("other." + k if rng.integers(2) else k[len(prefix):]): v
                   for k, v in sd.items()}
