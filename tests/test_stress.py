@@ -93,19 +93,40 @@ class LayerStates:
 
 @pytest.mark.parametrize("round_seed", [0, 1, 2])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, restore_threads):
+def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, restore_threads,
+                                                      tmp_path):
     qlora.set_num_threads(2)
     layers = [LayerStates(i, shape, precision) for i, shape in enumerate(SHAPES)]
+    # Saved copies (one adapter state each) that a loader thread keeps loading, mmap on and
+    # off, while everything else runs: a server loads files beside running forwards.
+    saved = []
+    for i, st in enumerate(layers):
+        k = RANKS[i % len(RANKS)]
+        st.layer.set_lora(st.a[k][1], st.b[k][0], scaling=st.scaling[k])
+        st.layer.set_bias(st.biases[i % 3])
+        path = tmp_path / f"layer{i}.safetensors"
+        st.layer.save(path)
+        saved.append((st, path))
+        st.layer.set_lora(st.a[RANKS[0]][0], st.b[RANKS[0]][0], scaling=st.scaling[RANKS[0]])
+        st.layer.set_bias(None)
     stop = threading.Event()
     errors: list = []
     counts = {"forwards": 0, "checked": 0, "set_lora": 0, "set_lora_ab": 0, "set_bias": 0,
-              "set_num_threads": 0}
+              "set_num_threads": 0, "loads": 0}
     lock = threading.Lock()
+    mutators_started = threading.Barrier(4 + 1)  # the four mutators and the main thread
 
     def record(exc: BaseException) -> None:
         with lock:
             errors.append(repr(exc))
         stop.set()
+        mutators_started.abort()  # nobody waits for a mutator that died
+
+    def started() -> None:
+        try:
+            mutators_started.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
 
     def forwards(tid: int) -> None:
         try:
@@ -138,6 +159,7 @@ def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, res
     def swap_adapters() -> None:
         try:
             rng = np.random.default_rng([round_seed, 100])
+            first = True
             while not stop.is_set():
                 for st in layers:
                     k = RANKS[int(rng.integers(len(RANKS)))]
@@ -148,6 +170,9 @@ def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, res
                     with lock:
                         counts["set_lora"] += 1
                         counts["set_lora_ab"] += 2
+                if first:
+                    first = False
+                    started()
                 time.sleep(0)
         except BaseException as exc:  # noqa: BLE001
             record(exc)
@@ -155,11 +180,15 @@ def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, res
     def swap_biases() -> None:
         try:
             rng = np.random.default_rng([round_seed, 200])
+            first = True
             while not stop.is_set():
                 st = layers[int(rng.integers(len(layers)))]
                 st.layer.set_bias(st.biases[int(rng.integers(3))])
                 with lock:
                     counts["set_bias"] += 1
+                if first:
+                    first = False
+                    started()
                 time.sleep(0)
         except BaseException as exc:  # noqa: BLE001
             record(exc)
@@ -167,27 +196,51 @@ def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, res
     def change_threads() -> None:
         try:
             rng = np.random.default_rng([round_seed, 300])
+            first = True
             while not stop.is_set():
                 n = int(rng.integers(1, 5))
                 qlora.set_num_threads(n)
                 assert 1 <= qlora.get_num_threads() <= 4
                 with lock:
                     counts["set_num_threads"] += 1
+                if first:
+                    first = False
+                    started()
                 time.sleep(0)
+        except BaseException as exc:  # noqa: BLE001
+            record(exc)
+
+    def load_files() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                st, path = saved[i % len(saved)]
+                loaded = QLoraLinear.load(path, mmap=bool(i % 2))
+                lead = LEADING[i % len(LEADING)]
+                if _call(loaded, st.x[lead], precision).tobytes() not in st.expected[lead]:
+                    raise AssertionError(f"loaded {path.name}: result matches no state")
+                i += 1
+                with lock:
+                    counts["loads"] += 1
+                if i == 1:
+                    started()
         except BaseException as exc:  # noqa: BLE001
             record(exc)
 
     workers = [threading.Thread(target=forwards, args=(t,), daemon=True)
                for t in range(FORWARD_THREADS)]
     mutators = [threading.Thread(target=f, daemon=True)
-                for f in (swap_adapters, swap_biases, change_threads)]
+                for f in (swap_adapters, swap_biases, change_threads, load_files)]
     # Switch Python threads every 10 us instead of 5 ms, so swaps land between the reads of a
     # forward's Python prologue as well as beside the GIL-free compute.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     t0 = time.monotonic()
     try:
-        for t in mutators + workers:
+        for t in mutators:
+            t.start()
+        started()  # every mutator has done one operation: the forwards start amid them
+        for t in workers:
             t.start()
         for t in workers:
             t.join(max(0.0, JOIN_TIMEOUT_S - (time.monotonic() - t0)))
@@ -204,6 +257,7 @@ def test_concurrent_forwards_see_whole_adapter_states(precision, round_seed, res
     assert counts["checked"] == FORWARD_THREADS * FORWARDS_PER_THREAD
     # The mutators really ran beside the forwards.
     assert counts["set_lora"] > 10 and counts["set_bias"] > 10 and counts["set_num_threads"] > 10
+    assert counts["loads"] > 10
     print(f"\nstress[{precision}, round {round_seed}]: {counts} in {elapsed:.1f} s")
 
 
