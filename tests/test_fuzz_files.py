@@ -17,7 +17,8 @@ layers (see ``fuzz_corpus.check_layer``). Bugs found and not yet fixed are liste
 run, and each has a minimal reproducer below marked ``xfail(strict=True)``, so the fix makes it
 XPASS (fail) and the entry is removed with it. A summary line per run goes to the terminal:
 
-    fuzz: 11000 cases, 9xxx ValueError/OSError, ... 0 crashes, 0 hangs, 0 memory, 0 other
+    fuzz: 11000 cases (...; 10174 reached qlora): 8012 ValueError/OSError, 2082 loaded and
+    self-consistent, ..., 0 crashes, 0 hangs, 0 memory, 0 other failures
 
 Reproduce one case: ``PYTHONPATH=python python tests/fuzz_corpus.py run FAMILY SEED 1 -v``.
 """
@@ -42,7 +43,8 @@ sys.path.insert(0, HERE)
 
 import fuzz_corpus  # noqa: E402
 
-# Cases per family: 11,000 in all, about 40 s on 2 shared cores.
+# Cases per family: 11,000 in all (10,174 reach qlora; safetensors.numpy refuses the rest of
+# the bnb_file cases itself), 40-70 s on 2 shared cores.
 CASES = {"qlora_mmap": 3000, "qlora_read": 3000, "bnb_dict": 2000, "bnb_file": 1000,
          "peft": 2000}
 MIN_TOTAL = 10_000
@@ -78,8 +80,13 @@ def known_bug(family: str, outcome: str, detail: str) -> str | None:
     return None
 
 
+_SCRATCH: list = []  # a pytest temporary directory for the children's files
+
+
 def _child_env(**extra: str) -> dict:
     env = dict(os.environ, **extra)
+    if _SCRATCH:
+        env["TMPDIR"] = str(_SCRATCH[0])  # children's tempfile.mkdtemp() land in it
     python_dir = os.path.join(os.path.dirname(HERE), "python")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH")) if p)
     # One thread each: the child is small, and the machine is shared.
@@ -164,6 +171,13 @@ def _kind(family: str, seed: int) -> str:
     return kinds[seed % len(kinds)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _scratch_dir(tmp_path_factory):
+    _SCRATCH.append(tmp_path_factory.mktemp("fuzz"))
+    yield
+    _SCRATCH.clear()
+
+
 @pytest.fixture(scope="module")
 def fuzz_results(request):
     """Family results, computed once per module; a summary line is printed at the end."""
@@ -180,7 +194,8 @@ def fuzz_results(request):
     per_family = ", ".join(f"{f} {r['total']}" for f, r in results.items())
     other = sum(v for k, v in out.items()
                 if k not in GOOD | {"known_bug", "crash", "hang", "memory"})
-    line = (f"fuzz: {total} cases ({per_family}): {out['rejected']} ValueError/OSError, "
+    line = (f"fuzz: {total} cases ({per_family}; {total - out['rejected_by_safetensors']} "
+            f"reached qlora): {out['rejected']} ValueError/OSError, "
             f"{out['loaded']} loaded and self-consistent, {out['rejected_by_safetensors']} "
             f"refused by safetensors.numpy, {out['known_bug']} known bugs "
             f"({dict(bugs) if bugs else 'none'}), {out['crash']} crashes, {out['hang']} hangs, "
@@ -223,7 +238,9 @@ def test_fuzz_family(fuzz_results, family):
 def test_fuzz_total_cases(fuzz_results):
     for family in CASES:
         _family(fuzz_results, family)
-    total = sum(r["total"] for r in fuzz_results.values())
+    # Counted: cases that reached qlora (not those safetensors.numpy refused on its own).
+    total = sum(r["total"] - r["outcomes"]["rejected_by_safetensors"]
+                for r in fuzz_results.values())
     assert total >= MIN_TOTAL, total
 
 
