@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 import resource
@@ -250,7 +249,7 @@ def mutate_safetensors(data: bytes, rng, kind: str, others: list[bytes]) -> byte
         return _bytes_havoc(data, rng)
     if kind == "splice":
         other = _pick(rng, others)
-        h2, b2 = st_split(other)
+        _, b2 = st_split(other)
         if rng.integers(2):
             return st_build(header, b2)
         return data[:int(rng.integers(len(data)))] + other[int(rng.integers(len(other))):]
