@@ -784,7 +784,8 @@ class PeftFolders(Family):
             key = _pick(rng, ["v_proj", "q_proj", ".*", "(", "[", "a{99999999999}",
                               "a{4294967296}", "(?P<x>", "\\", "*", "v_proj|", "(a+)+",
                               "layers\\.1\\..*", "", "model.layers.0.self_attn.q_proj",
-                              "(?i)Q_PROJ", "\\d+", "(?<=x)y", "x" * 1000])
+                              "(?i)Q_PROJ", "\\d+", "(?<=x)y", "x" * 1000,
+                              "(" * 5000 + ")" * 5000, "(?:" * 300 + "x" + ")" * 300])
             value = _pick(rng, HOSTILE_VALUES + [2, 4, 3.0, 8])
             pats = cfg.get(field) or {}
             pats = {key: value, **pats} if rng.integers(2) else {**pats, key: value}
