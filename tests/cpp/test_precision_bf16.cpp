@@ -366,3 +366,137 @@ TEST_CASE("the dispatcher serves bf16 from a bf16 table wherever the CPU has one
     REQUIRE((isa == "amx" || isa == "avx512_bf16"));
   }
 }
+
+// ---------------------------------------------------------------- AMX with emulated tiles
+// Most CPUs that run these tests lack AMX, so the AMX kernel's own logic (its B tile layout, A
+// tile strides, batch and row tails, C tile read-back) would otherwise go unexercised. Here
+// x86_amx.cpp is compiled a second time into namespace amx_emu with the tile instructions
+// replaced by a scalar emulation of Intel's pseudocode (ldtilecfg checks the configuration it
+// is given; tdpbf16ps adds each pair's even then odd product in float32, denormal operands read
+// as zero) and the permission request answered yes. It proves the data movement; the hardware's
+// own behaviour is only tested above, where AMX is granted.
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace tile_emu {
+struct Tile {
+  alignas(64) uint8_t b[16][64];
+};
+thread_local Tile tiles[8];
+thread_local bool configured = false;
+thread_local long dot_products = 0;
+void load_config(const void* c) {
+  const uint8_t* p = static_cast<const uint8_t*>(c);
+  REQUIRE(p[0] == 1);
+  for (int i = 1; i < 16; ++i) REQUIRE(p[i] == 0);
+  for (int i = 0; i < 16; ++i) {
+    uint16_t colsb;
+    std::memcpy(&colsb, p + 16 + 2 * i, 2);
+    REQUIRE(colsb == (i < 8 ? 64 : 0));
+    REQUIRE(p[48 + i] == (i < 8 ? 16 : 0));
+  }
+  configured = true;
+}
+void require_config() {
+  if (!configured) FAIL("tile instruction without ldtilecfg");
+}
+void load(int d, const void* base, long stride) {
+  require_config();
+  for (int r = 0; r < 16; ++r) std::memcpy(tiles[d].b[r], static_cast<const char*>(base) + r * stride, 64);
+}
+void store(int s, void* base, long stride) {
+  require_config();
+  for (int r = 0; r < 16; ++r) std::memcpy(static_cast<char*>(base) + r * stride, tiles[s].b[r], 64);
+}
+void zero(int d) {
+  require_config();
+  std::memset(&tiles[d], 0, sizeof(Tile));
+}
+float bf16_daz(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+void dpbf16ps(int dst, int a, int b) {
+  require_config();
+  ++dot_products;
+  for (int m = 0; m < 16; ++m) {
+    float c[16];
+    std::memcpy(c, tiles[dst].b[m], 64);
+    const uint16_t* arow = reinterpret_cast<const uint16_t*>(tiles[a].b[m]);
+    for (int k = 0; k < 16; ++k) {
+      const uint16_t* brow = reinterpret_cast<const uint16_t*>(tiles[b].b[k]);
+      for (int n = 0; n < 16; ++n) {
+        c[n] += bf16_daz(arow[2 * k]) * bf16_daz(brow[2 * n]);
+        c[n] += bf16_daz(arow[2 * k + 1]) * bf16_daz(brow[2 * n + 1]);
+      }
+    }
+    std::memcpy(tiles[dst].b[m], c, 64);
+  }
+}
+}  // namespace tile_emu
+
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+#define _tile_loadd(d, base, stride) tile_emu::load(d, base, stride)
+#define _tile_stored(s, base, stride) tile_emu::store(s, base, stride)
+#define _tile_zero(d) tile_emu::zero(d)
+#define _tile_dpbf16ps(d, a, b) tile_emu::dpbf16ps(d, a, b)
+#define _tile_loadconfig(c) tile_emu::load_config(c)
+#define _tile_release() (tile_emu::configured = false)
+#define syscall(...) 0L
+#define amx amx_emu
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-variable"
+#include "../../csrc/kernels/x86_amx.cpp"
+#pragma GCC diagnostic pop
+#undef amx
+#undef syscall
+
+TEST_CASE("the AMX bf16 kernel's data movement, with emulated tiles, matches the specification") {
+  if (!available("avx512_bf16")) {
+    WARN("SKIPPED: the emulated AMX kernel still decodes with AVX512-BF16, which this CPU lacks");
+    return;
+  }
+  const KernelTable* t = kernels::amx_emu::table();
+  const KernelTable& scalar = own_kernels_by_name("scalar");
+  REQUIRE(t->gemm_nf4_bf16.min_batch == 32);
+  const long before = tile_emu::dot_products;
+  for (int64_t out : {1, 33, 70}) {
+    for (int64_t in : {1, 17, 33, 100, 255, 1100}) {
+      for (int64_t gs : {17, 32, 64, 96, 128}) {
+        const Layer l = make_layer(out, in, gs);
+        const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 15);
+        // Below, at and above one and two 16-row A tiles, and a partial last 32-row block.
+        for (int64_t batch : {1, 16, 17, 32, 33, 70}) {
+          const bool nested = (batch + gs) % 2 == 0;
+          INFO("out " << out << " in " << in << " gs " << gs << " batch " << batch << (nested ? " double-quantized" : ""));
+          const Nf4Weight w = l.view(nested);
+          const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), static_cast<uint32_t>(batch + in));
+          const auto xb = spec_pack(x, batch, in);
+          const float* bp = batch % 2 == 1 ? bias.data() : nullptr;
+          std::vector<float> y, split, y_spec;
+          ForwardArgs p = args_for(w, xb, batch, bp, y);
+          t->gemm_nf4_bf16.fn(p, 0, out);
+          ForwardArgs ps = args_for(w, xb, batch, bp, split);
+          for (int64_t c = 0, step = 32; c < out; c += step, step += 32) t->gemm_nf4_bf16.fn(ps, c, std::min(out, c + step));
+          REQUIRE(split == y);
+          ForwardArgs pspec = args_for(w, xb, batch, bp, y_spec);
+          scalar.gemm_nf4_bf16.fn(pspec, 0, out);
+          check_against_spec(y, y_spec, w, xb, bp, batch);
+        }
+      }
+    }
+  }
+  REQUIRE(tile_emu::dot_products > before);  // the tiles did the work, not a fallback
+  REQUIRE_FALSE(tile_emu::configured);       // tilerelease after every call
+}
+
+#endif
