@@ -90,12 +90,13 @@ namespace {
 // that tests/cpp/test_precision_bf16.cpp asserts (it runs this kernel when the CPU grants AMX
 // and reports it skipped otherwise).
 //
-// Why min_batch 32: every 16 x 32 B tile is decoded once per call and then multiplied by
-// ceil(batch / 16) A tiles. At batch <= 16 a TDPBF16PS does at most 16 rows of work for the
-// whole decode and two tile loads, which the avx512_bf16 register paths (decoding in registers,
-// no scratch round trip) already match at about 80 % of their peak from batch 4 on; from 32 rows
-// each B tile serves two full A tiles and the 16x wider product starts to dominate (ggml and
-// oneDNN switch to tiles at about the same size).
+// Why min_batch 32 (an estimate: this was written on a CPU without AMX). Per 32 output rows x
+// 32 columns the panel costs, on Sapphire Rapids' single 512-bit shuffle port, about 224 cycles
+// (32 vpermw, 64 zero-extensions and inserts, two 16x16 transposes of 64 shuffles each), and
+// each 16-row A tile then adds 2 TDPBF16PS of 16 cycles. avx512_bf16 needs 32 vdpbf16ps per
+// batch row for the same block (at most 2 per cycle) plus its cheaper in-register decode. At
+// batch 16 both come to about 256 cycles; at 32 AMX needs about 290 against 512, and the gap
+// widens with the batch, so tiles start at 32.
 constexpr int kPanelUnits = 2;                      // B tiles per panel: 32 output rows
 constexpr int kPanelRows = 16 * kPanelUnits;
 constexpr int kTileBytes = 1024;                    // 16 rows x 64 bytes
