@@ -372,8 +372,9 @@ TEST_CASE("the dispatcher serves bf16 from a bf16 table wherever the CPU has one
 // tile strides, batch and row tails, C tile read-back) would otherwise go unexercised. Here
 // x86_amx.cpp is compiled a second time into namespace amx_emu with the tile instructions
 // replaced by a scalar emulation of Intel's pseudocode (ldtilecfg checks the configuration it
-// is given; tdpbf16ps adds each pair's even then odd product in float32, denormal operands read
-// as zero) and the permission request answered yes. It proves the data movement; the hardware's
+// is given and every product checks its tile shapes; tdpbf16ps adds each pair's even then odd
+// product in float32, denormal operands read as zero; tdpbssd sums int8 products in int32) and
+// the permission request answered yes. It proves the data movement; the hardware's
 // own behaviour is only tested above, where AMX is granted.
 #if defined(__x86_64__)
 
@@ -384,10 +385,12 @@ TEST_CASE("the dispatcher serves bf16 from a bf16 table wherever the CPU has one
 namespace tile_emu {
 struct Tile {
   alignas(64) uint8_t b[16][64];
+  int rows = 0, colsb = 0;
 };
 thread_local Tile tiles[8];
 thread_local bool configured = false;
 thread_local long dot_products = 0;
+// ldtilecfg: palette 1, reserved bytes zero, tiles 0-7 at most 16 rows x 64 bytes, 8-15 unused.
 void load_config(const void* c) {
   const uint8_t* p = static_cast<const uint8_t*>(c);
   REQUIRE(p[0] == 1);
@@ -395,8 +398,15 @@ void load_config(const void* c) {
   for (int i = 0; i < 16; ++i) {
     uint16_t colsb;
     std::memcpy(&colsb, p + 16 + 2 * i, 2);
-    REQUIRE(colsb == (i < 8 ? 64 : 0));
-    REQUIRE(p[48 + i] == (i < 8 ? 16 : 0));
+    if (i >= 8) {
+      REQUIRE(colsb == 0);
+      REQUIRE(p[48 + i] == 0);
+      continue;
+    }
+    REQUIRE((colsb > 0 && colsb <= 64 && colsb % 4 == 0));
+    REQUIRE((p[48 + i] > 0 && p[48 + i] <= 16));
+    tiles[i].colsb = colsb;
+    tiles[i].rows = p[48 + i];
   }
   configured = true;
 }
@@ -405,15 +415,24 @@ void require_config() {
 }
 void load(int d, const void* base, long stride) {
   require_config();
-  for (int r = 0; r < 16; ++r) std::memcpy(tiles[d].b[r], static_cast<const char*>(base) + r * stride, 64);
+  std::memset(tiles[d].b, 0, sizeof tiles[d].b);
+  for (int r = 0; r < tiles[d].rows; ++r) std::memcpy(tiles[d].b[r], static_cast<const char*>(base) + r * stride, tiles[d].colsb);
 }
 void store(int s, void* base, long stride) {
   require_config();
-  for (int r = 0; r < 16; ++r) std::memcpy(static_cast<char*>(base) + r * stride, tiles[s].b[r], 64);
+  for (int r = 0; r < tiles[s].rows; ++r) std::memcpy(static_cast<char*>(base) + r * stride, tiles[s].b[r], tiles[s].colsb);
 }
 void zero(int d) {
   require_config();
-  std::memset(&tiles[d], 0, sizeof(Tile));
+  std::memset(tiles[d].b, 0, sizeof tiles[d].b);
+}
+// The shape rules of TDPBF16PS / TDPBSSD (#UD otherwise): C is M x N dwords, A is M x K dwords,
+// B is K x N dwords.
+void check_shapes(int dst, int a, int b) {
+  require_config();
+  REQUIRE(tiles[dst].rows == tiles[a].rows);
+  REQUIRE(tiles[b].rows == tiles[a].colsb / 4);
+  REQUIRE(tiles[dst].colsb == tiles[b].colsb);
 }
 float bf16_daz(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -423,17 +442,33 @@ float bf16_daz(uint16_t h) {
   return f;
 }
 void dpbf16ps(int dst, int a, int b) {
-  require_config();
+  check_shapes(dst, a, b);
   ++dot_products;
-  for (int m = 0; m < 16; ++m) {
+  for (int m = 0; m < tiles[dst].rows; ++m) {
     float c[16];
     std::memcpy(c, tiles[dst].b[m], 64);
     const uint16_t* arow = reinterpret_cast<const uint16_t*>(tiles[a].b[m]);
-    for (int k = 0; k < 16; ++k) {
+    for (int k = 0; k < tiles[a].colsb / 4; ++k) {
       const uint16_t* brow = reinterpret_cast<const uint16_t*>(tiles[b].b[k]);
-      for (int n = 0; n < 16; ++n) {
+      for (int n = 0; n < tiles[dst].colsb / 4; ++n) {
         c[n] += bf16_daz(arow[2 * k]) * bf16_daz(brow[2 * n]);
         c[n] += bf16_daz(arow[2 * k + 1]) * bf16_daz(brow[2 * n + 1]);
+      }
+    }
+    std::memcpy(tiles[dst].b[m], c, 64);
+  }
+}
+void dpbssd(int dst, int a, int b) {
+  check_shapes(dst, a, b);
+  ++dot_products;
+  for (int m = 0; m < tiles[dst].rows; ++m) {
+    int32_t c[16];
+    std::memcpy(c, tiles[dst].b[m], 64);
+    const int8_t* arow = reinterpret_cast<const int8_t*>(tiles[a].b[m]);
+    for (int k = 0; k < tiles[a].colsb / 4; ++k) {
+      const int8_t* brow = reinterpret_cast<const int8_t*>(tiles[b].b[k]);
+      for (int n = 0; n < tiles[dst].colsb / 4; ++n) {
+        for (int i = 0; i < 4; ++i) c[n] += int32_t{arow[4 * k + i]} * int32_t{brow[4 * n + i]};
       }
     }
     std::memcpy(tiles[dst].b[m], c, 64);
@@ -445,10 +480,12 @@ void dpbf16ps(int dst, int a, int b) {
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbf16ps
+#undef _tile_dpbssd
 #define _tile_loadd(d, base, stride) tile_emu::load(d, base, stride)
 #define _tile_stored(s, base, stride) tile_emu::store(s, base, stride)
 #define _tile_zero(d) tile_emu::zero(d)
 #define _tile_dpbf16ps(d, a, b) tile_emu::dpbf16ps(d, a, b)
+#define _tile_dpbssd(d, a, b) tile_emu::dpbssd(d, a, b)
 #define _tile_loadconfig(c) tile_emu::load_config(c)
 #define _tile_release() (tile_emu::configured = false)
 #define syscall(...) 0L
@@ -499,4 +536,88 @@ TEST_CASE("the AMX bf16 kernel's data movement, with emulated tiles, matches the
   REQUIRE_FALSE(tile_emu::configured);       // tilerelease after every call
 }
 
+#endif
+
+#if defined(__x86_64__)
+TEST_CASE("the AMX int8 kernel, with emulated tiles, equals the int8 specification bit for bit") {
+  // Per 32-column block an exact int32 dot product, then the specification's own float32
+  // scaling in block order: the same operations, so the same bits.
+  if (!available("avx512_vnni")) {
+    WARN("SKIPPED: the emulated AMX int8 kernel still decodes with AVX-512, which this CPU lacks");
+    return;
+  }
+  const KernelTable* t = kernels::amx_emu::table();
+  const KernelTable& scalar = own_kernels_by_name("scalar");
+  const long before = tile_emu::dot_products;
+  for (int64_t out : {1, 33, 70}) {
+    for (int64_t in : {32, 96, 100, 192, 1056}) {
+      for (int64_t gs : {32, 64, 96, 128}) {
+        const Layer l = make_layer(out, in, gs);
+        if (!q8_layout_ok(l.view(false))) continue;
+        const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 16);
+        for (int64_t batch : {1, 16, 17, 32, 33, 70}) {
+          const bool nested = (batch + gs) % 2 == 0;
+          INFO("out " << out << " in " << in << " gs " << gs << " batch " << batch << (nested ? " double-quantized" : ""));
+          const Nf4Weight w = l.view(nested);
+          const int64_t cols = padded_cols(in), blocks = cols / kQ8Block;
+          const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), static_cast<uint32_t>(batch + 2 * in));
+          std::vector<int8_t> q(static_cast<size_t>(batch * cols));
+          std::vector<float> d(static_cast<size_t>(batch * blocks));
+          std::vector<int32_t> sums(d.size());
+          scalar.quantize_q8(x.data(), in, 0, batch, q.data(), d.data(), sums.data());
+          ForwardArgs p;
+          p.w = w;
+          p.batch = batch;
+          p.x_q8 = q.data();
+          p.x_q8_scale = d.data();
+          p.x_q8_sum = sums.data();
+          p.bias = batch % 2 == 1 ? bias.data() : nullptr;
+          std::vector<float> y(static_cast<size_t>(batch * out), -7.0f), split(y.size(), -8.0f), spec(y.size(), -9.0f);
+          p.y = y.data();
+          t->gemm_nf4_q8.fn(p, 0, out);
+          p.y = split.data();
+          for (int64_t c = 0, step = 32; c < out; c += step, step += 32) t->gemm_nf4_q8.fn(p, c, std::min(out, c + step));
+          p.y = spec.data();
+          scalar.gemm_nf4_q8.fn(p, 0, out);
+          REQUIRE(y == spec);
+          REQUIRE(split == spec);
+        }
+      }
+    }
+  }
+  REQUIRE(tile_emu::dot_products > before);
+  REQUIRE_FALSE(tile_emu::configured);
+}
+
+TEST_CASE("the AMX int8 kernel equals the int8 specification on AMX hardware") {
+  if (!available("amx")) {
+    WARN("SKIPPED: this CPU (or OS) does not offer amx; its int8 kernel was not run on hardware");
+    return;
+  }
+  const KernelTable& t = own_kernels_by_name("amx");
+  const KernelTable& scalar = own_kernels_by_name("scalar");
+  for (int64_t batch : {1, 17, 32, 70, 256}) {
+    const Layer l = make_layer(70, 1056, 64);
+    const Nf4Weight w = l.view(batch % 2 == 0);
+    const int64_t cols = padded_cols(1056), blocks = cols / kQ8Block;
+    const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * 1056), 17);
+    std::vector<int8_t> q(static_cast<size_t>(batch * cols));
+    std::vector<float> d(static_cast<size_t>(batch * blocks));
+    std::vector<int32_t> sums(d.size());
+    scalar.quantize_q8(x.data(), 1056, 0, batch, q.data(), d.data(), sums.data());
+    ForwardArgs p;
+    p.w = w;
+    p.batch = batch;
+    p.x_q8 = q.data();
+    p.x_q8_scale = d.data();
+    p.x_q8_sum = sums.data();
+    std::vector<float> y(static_cast<size_t>(batch * 70)), spec(y.size());
+    p.y = y.data();
+    t.gemm_nf4_q8.fn(p, 0, 70);
+    p.y = spec.data();
+    scalar.gemm_nf4_q8.fn(p, 0, 70);
+    INFO("batch " << batch);
+    REQUIRE(y == spec);
+  }
+}
 #endif
