@@ -155,10 +155,21 @@ void decode_row(const Nf4Weight& w, int64_t r, int64_t c0, int64_t c1, uint16_t*
     const int64_t valid = imax(0, imin(16, in - n));
     alignas(64) float s[16] = {};
     const int64_t flat = r * in + n;
-    for (int64_t i = 0; i < valid; ++i) s[i] = group_scale(w, (flat + i) / w.group_size);
+    int64_t g = flat / w.group_size, group_end = (g + 1) * w.group_size;
+    float sg = group_scale(w, g);
+    // One group for the 16 columns (lanes past the row are padding codes, zero for any scale):
+    // a broadcast, without the store-to-load round trip of a per-lane array.
+    const bool one_group = flat + valid <= group_end;
+    for (int64_t i = 0; i < valid && !one_group; ++i) {
+      if (flat + i == group_end) {
+        sg = group_scale(w, ++g);
+        group_end += w.group_size;
+      }
+      s[i] = sg;
+    }
     __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n / kBlockCols) * kBlockBytes)));
     if ((n / 16) % 2 == 1) idx = _mm512_srli_epi32(idx, 4);
-    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, cb), _mm512_load_ps(s));
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, cb), one_group ? _mm512_set1_ps(sg) : _mm512_load_ps(s));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n - c0), (__m256i)_mm512_cvtneps_pbh(v));
   }
 }

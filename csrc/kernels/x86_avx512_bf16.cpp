@@ -185,17 +185,28 @@ void decode_row(const Nf4Weight& w, Layout layout, int64_t r, int64_t c0, int64_
     return;
   }
   if (layout == Layout::kBlockGroups) {
+    // Block b of the row is in group b / bpg of the row, followed without dividing per block.
     const int64_t bpg = w.group_size / kBlockCols, gpr = in / w.group_size;
+    int64_t g = (c0 / kBlockCols) / bpg, left = bpg - (c0 / kBlockCols) % bpg;
+    float sa = group_scale(w, r * gpr + g);
     for (int64_t j = c0 / kChunkCols; j < c1 / kChunkCols; ++j) {
-      const int64_t ba = 2 * j, bb = 2 * j + 1;
-      const bool lone = bb >= blocks;
-      const float sa = group_scale(w, r * gpr + ba / bpg);
-      const float sb = lone ? 0.0f : group_scale(w, r * gpr + bb / bpg);
-      const __m512i bytes = lone ? block_bytes(codes + ba * kBlockBytes) : chunk_bytes(codes + ba * kBlockBytes);
+      const bool lone = 2 * j + 1 >= blocks;
+      if (--left == 0) {
+        ++g;
+        left = bpg;
+      }
+      const float sb = lone ? 0.0f : group_scale(w, r * gpr + g);
+      if (--left == 0) {
+        ++g;
+        left = bpg;
+      }
+      const uint8_t* src = codes + 2 * j * kBlockBytes;
+      const __m512i bytes = lone ? block_bytes(src) : chunk_bytes(src);
       __m512i w0, w1;
       decode_chunk_blocks(bytes, block_tables(sa, sb), lone ? 0x0000ffffu : 0xffffffffu, w0, w1);
       _mm512_storeu_si512(out + j * kChunkCols - c0, w0);
       _mm512_storeu_si512(out + j * kChunkCols - c0 + kBlockCols, w1);
+      if (!lone && 2 * j + 2 < blocks) sa = group_scale(w, r * gpr + g);
     }
     return;
   }
@@ -213,16 +224,22 @@ void decode_row(const Nf4Weight& w, Layout layout, int64_t r, int64_t c0, int64_
     }
     const int64_t flat = r * in + n;
     alignas(64) float s[16] = {};
-    const int64_t g0 = flat / w.group_size, g1 = (flat + valid - 1) / w.group_size;
-    if (g0 == g1) {
-      for (int64_t i = 0; i < valid; ++i) s[i] = group_scale(w, g0);
-    } else {
-      for (int64_t i = 0; i < valid; ++i) s[i] = group_scale(w, (flat + i) / w.group_size);
+    int64_t g = flat / w.group_size, group_end = (g + 1) * w.group_size;
+    float sg = group_scale(w, g);
+    // One group for the 16 columns (lanes past the row are padding codes, zero for any scale):
+    // a broadcast, without the store-to-load round trip of a per-lane array.
+    const bool one_group = flat + valid <= group_end;
+    for (int64_t i = 0; i < valid && !one_group; ++i) {
+      if (flat + i == group_end) {
+        sg = group_scale(w, ++g);
+        group_end += w.group_size;
+      }
+      s[i] = sg;
     }
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n / kBlockCols) * kBlockBytes));
     __m512i idx = _mm512_cvtepu8_epi32(raw);
     if (q % 2 == 1) idx = _mm512_srli_epi32(idx, 4);
-    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, cb), _mm512_load_ps(s));
+    const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, cb), one_group ? _mm512_set1_ps(sg) : _mm512_load_ps(s));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pos), (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
