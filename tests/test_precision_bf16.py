@@ -111,8 +111,9 @@ def order_bound(x, deq, bias):
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_bf16_within_derived_bound_of_float64(group_size, double_quant):
     rng = np.random.default_rng(group_size + 1000 * double_quant)
+    # The odd sizes, plus rows of whole groups (64, 192) where the kernels take their fast paths.
     for out_f in (1, 7, 70):
-        for in_f in ODD_SIZES:
+        for in_f in ODD_SIZES + [64, 192]:
             t, deq = make_tensor(out_f, in_f, group_size, double_quant, seed=in_f)
             for batch in (1, 3, 8, 17, 40):
                 x = rng.standard_normal((batch, in_f)).astype(np.float32)
@@ -154,7 +155,7 @@ def test_bf16_relative_frobenius_difference_to_fp32():
 def test_avx512_bf16_within_order_bound_of_scalar_spec(group_size):
     rng = np.random.default_rng(group_size)
     for out_f in (1, 33, 70):
-        for in_f in ODD_SIZES + [576]:
+        for in_f in ODD_SIZES + [64, 192, 576]:
             for double_quant in (False, True):
                 t, deq = make_tensor(out_f, in_f, group_size, double_quant, seed=out_f + in_f)
                 for batch in (1, 2, 5, 8, 9, 16, 17, 31, 64):

@@ -206,7 +206,10 @@ TEST_CASE("gemm_nf4_bf16 of each SIMD table is within the summation-order bound 
   const KernelTable& scalar = own_kernels_by_name("scalar");
   const std::vector<const KernelTable*> tables = bf16_tables();
   std::vector<int64_t> widths = qlora_test::kOddSizes;
-  // Several 512-column K-chunks of the GEMM, ending in a lone block (1056 = 33 blocks).
+  // Rows of whole groups of 32 and 64 columns (64, 192: an even number of blocks), several
+  // 512-column K-chunks of the GEMM ending in a lone block (1056 = 33 blocks), and not.
+  widths.push_back(64);
+  widths.push_back(192);
   widths.push_back(1056);
   widths.push_back(1100);
   // Groups across every layout: straddling blocks and rows (17, 100), one per block (32, 96),
@@ -507,7 +510,7 @@ TEST_CASE("the AMX bf16 kernel's data movement, with emulated tiles, matches the
   REQUIRE(t->gemm_nf4_bf16.min_batch == 32);
   const long before = tile_emu::dot_products;
   for (int64_t out : {1, 33, 70}) {
-    for (int64_t in : {1, 17, 33, 100, 255, 1100}) {
+    for (int64_t in : {1, 17, 33, 100, 192, 255, 1056, 1100}) {
       for (int64_t gs : {17, 32, 64, 96, 128}) {
         const Layer l = make_layer(out, in, gs);
         const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 15);
