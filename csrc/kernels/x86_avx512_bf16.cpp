@@ -343,6 +343,50 @@ void gemm_small_regs(const ForwardArgs& p, const uint16_t* x, int64_t row_begin,
 }
 static_assert(kRegsBatchTile == 4, "gemm_small_regs() handles tiles of up to 4 batch rows");
 
+// R rows from registers, groups of an odd number of blocks (32, 96, ...): each chunk's two
+// blocks may have different scales, so the table pair is made per chunk and row; the sums are
+// those of gemv_chunk_groups().
+template <int R>
+void gemv_block_groups(const ForwardArgs& p, const uint16_t* x, int64_t o) {
+  const Nf4Weight& w = p.w;
+  const int64_t in = w.in_features, row_bytes = packed_row_bytes(in), blocks = blocks_per_row(in);
+  const int64_t gpr = in / w.group_size, bpg = w.group_size / kBlockCols;
+  const uint8_t* rows[R];
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = w.codes + (o + r) * row_bytes;
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+  }
+  // Every row has the same groups at the same blocks (rows hold whole groups).
+  int64_t g = 0, left = bpg;
+  for (int64_t j = 0; 2 * j < blocks; ++j) {
+    const bool lone = 2 * j + 1 >= blocks;
+    const int64_t ga = g;
+    if (--left == 0) {
+      ++g;
+      left = bpg;
+    }
+    const int64_t gb = g;
+    if (--left == 0) {
+      ++g;
+      left = bpg;
+    }
+    const __m512i x0 = _mm512_loadu_si512(x + j * kChunkCols);
+    const __m512i x1 = _mm512_loadu_si512(x + j * kChunkCols + kBlockCols);
+    for (int r = 0; r < R; ++r) {
+      const int64_t g0 = (o + r) * gpr;
+      const __m512i table = block_tables(group_scale(w, g0 + ga), lone ? 0.0f : group_scale(w, g0 + gb));
+      const uint8_t* src = rows[r] + j * kChunkBytes;
+      __m512i w0, w1;
+      decode_chunk_blocks(lone ? block_bytes(src) : chunk_bytes(src), table, lone ? 0x0000ffffu : 0xffffffffu, w0, w1);
+      acc0[r] = dot2(acc0[r], w0, x0);
+      acc1[r] = dot2(acc1[r], w1, x1);
+    }
+  }
+  for (int r = 0; r < R; ++r) p.y[o + r] = finish(p, o + r, _mm512_add_ps(acc0[r], acc1[r]));
+}
+
 // Any layout: the row is decoded to bf16 in L1 first, then summed exactly as above.
 void gemv_decoded(const ForwardArgs& p, const uint16_t* x, int64_t o, uint16_t* row) {
   const int64_t ccols = chunk_cols(p.w.in_features);
@@ -601,6 +645,12 @@ void gemm_nf4_bf16(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
     int64_t o = row_begin;
     for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_chunk_groups<kGemvRows>(p, x, o);
     for (; o < row_end; ++o) gemv_chunk_groups<1>(p, x, o);
+    return;
+  }
+  if (layout_of(p.w) == Layout::kBlockGroups) {
+    int64_t o = row_begin;
+    for (; o + kGemvRows <= row_end; o += kGemvRows) gemv_block_groups<kGemvRows>(p, x, o);
+    for (; o < row_end; ++o) gemv_block_groups<1>(p, x, o);
     return;
   }
   uint16_t* row = reinterpret_cast<uint16_t*>(scratch(0, static_cast<size_t>(ccols / 2)));
