@@ -1,7 +1,7 @@
-"""The methods ``qlora bench`` times side by side: qlora (active ISA and forced scalar), NumPy fp32,
-torch fp32/bf16 and bitsandbytes (its ``matmul_4bit`` and, through its private CPU repacking, the
-fused bf16 kernel), each on the same weight and inputs; and the plan of weight copies per method
-for ``--cold``."""
+"""The methods ``qlora bench`` times side by side: qlora (one row per ``--precision`` on the
+active ISA, and fp32 forced scalar), NumPy fp32, torch fp32/bf16 and bitsandbytes (its
+``matmul_4bit`` and, through its private CPU repacking, the fused bf16 kernel), each on the same
+weight and inputs; and the plan of weight copies per method for ``--cold``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ class Method:
     # Makes an independent copy of the weight and returns that copy's `prepare` (for --cold).
     replicate: Callable[[], Callable[[int], Callable[[], np.ndarray]]] | None = None
     copies: list[Callable[[int], Callable[[], np.ndarray]]] = field(default_factory=list)
+    # qlora rows: batch -> _core.gemm_choice (the kernel serving it and what it computes).
+    kernel: Callable[[int], dict] | None = None
+    precision: str = ""  # qlora rows: the precision asked for
 
     def prepare_cycle(self, batch: int) -> Callable[[], np.ndarray]:
         """One forward per call on this batch's input, call i on weight copy i % K."""
@@ -98,20 +101,31 @@ def import_optional() -> Optional_:
     return opt
 
 
-def _qlora_prepare(layer: QLoraLinear, xs: dict[int, np.ndarray],
-                   isa: str | None) -> Callable[[int], Callable[[], np.ndarray]]:
+class _IsaForced:
+    """Run a block with instruction set ``isa`` (None: the active one), then restore."""
+
+    def __init__(self, isa: str | None) -> None:
+        self.isa = isa
+
+    def __enter__(self) -> None:
+        self.previous = _core.active_isa()
+        if self.isa is not None:
+            _core.set_isa(self.isa)
+
+    def __exit__(self, *exc: object) -> None:
+        _core.set_isa(self.previous)
+
+
+def _qlora_prepare(layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | None,
+                   precision: str) -> Callable[[int], Callable[[], np.ndarray]]:
     def prepare(batch: int) -> Callable[[], np.ndarray]:
         x = xs[batch]
         if isa is None:
-            return lambda: layer.forward(x)
+            return lambda: layer.forward(x, precision=precision)
 
         def call() -> np.ndarray:
-            previous = _core.active_isa()
-            _core.set_isa(isa)
-            try:
-                return layer.forward(x)
-            finally:
-                _core.set_isa(previous)
+            with _IsaForced(isa):
+                return layer.forward(x, precision=precision)
 
         return call
 
@@ -119,25 +133,35 @@ def _qlora_prepare(layer: QLoraLinear, xs: dict[int, np.ndarray],
 
 
 def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | None,
-                  nf4_bytes: int, note: str = "") -> Method:
+                  nf4_bytes: int, precision: str = "fp32") -> Method:
     slow = (isa or _core.active_isa()) == "scalar"
-    return Method(name, nf4_bytes, _qlora_prepare(layer, xs, isa), note, may_skip=slow,
-                  replicate=lambda: _qlora_prepare(copy.deepcopy(layer), xs, isa))
+
+    def kernel(batch: int) -> dict:
+        with _IsaForced(isa):
+            return dict(_core.gemm_choice(layer._state.tensor, precision, batch))
+
+    return Method(name, nf4_bytes, _qlora_prepare(layer, xs, isa, precision), may_skip=slow,
+                  replicate=lambda: _qlora_prepare(copy.deepcopy(layer), xs, isa, precision),
+                  kernel=kernel, precision=precision)
 
 
 def build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], opt: Optional_,
                    wanted: list[str], notes: dict[str, str],
-                   bnb_q: tuple | None = None) -> list[Method]:
-    """The methods to time for weight `w`; `bnb_q` is bitsandbytes' (codes, QuantState) of `w`
-    when already quantized (the fused path converts a deep copy)."""
+                   bnb_q: tuple | None = None,
+                   precisions: tuple[str, ...] = ("fp32",)) -> list[Method]:
+    """The methods to time for weight `w`: qlora once per precision in `precisions` (named
+    ``qlora fp32`` etc.; the kernel serving each batch is in ``Method.kernel``), then the peers.
+    `bnb_q` is bitsandbytes' (codes, QuantState) of `w` when already quantized (the fused path
+    converts a deep copy)."""
     out_f, in_f = w.shape
     nf4_bytes = 4 * out_f * in_f - layer.memory_saved_bytes()
     active = _core.active_isa()
     methods: list[Method] = []
     if "qlora" in wanted:
-        methods.append(_qlora_method(f"qlora[{active}]", layer, xs, None, nf4_bytes))
+        for p in precisions:
+            methods.append(_qlora_method(f"qlora {p}", layer, xs, None, nf4_bytes, p))
     if "qlora-scalar" in wanted and active != "scalar":
-        methods.append(_qlora_method("qlora[scalar]", layer, xs, "scalar", nf4_bytes))
+        methods.append(_qlora_method("qlora fp32[scalar]", layer, xs, "scalar", nf4_bytes))
     if "numpy" in wanted:
         def numpy_prep(wc: np.ndarray) -> Callable[[int], Callable[[], np.ndarray]]:
             return lambda b: (lambda x=xs[b]: x @ wc.T)
@@ -161,7 +185,9 @@ def build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], 
             methods.append(Method("torch fp32", 4 * w.size, prep32(wt),
                                   replicate=lambda: prep32(wt.clone())))
         if "torch-bf16" in wanted:
-            wb = wt.to(torch.bfloat16)
+            # What a torch user would run instead of qlora: the NF4 weight dequantized once
+            # (not timed) and kept as bf16.
+            wb = torch.from_numpy(layer.dequantize_weight()).to(torch.bfloat16)
 
             def prep16(wc) -> Callable[[int], Callable[[], np.ndarray]]:
                 def prep(b: int) -> Callable[[], np.ndarray]:
@@ -171,7 +197,8 @@ def build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], 
                 return prep
 
             methods.append(Method("torch bf16", 2 * w.size, prep16(wb),
-                                  "input pre-converted to bf16, output left in bf16",
+                                  "dequantized weight and input pre-converted to bf16, "
+                                  "output left in bf16",
                                   replicate=lambda: prep16(wb.clone())))
 
     bnb = opt.bnb

@@ -25,6 +25,7 @@ class Cell:
     reps: int
     note: str = ""
     copies: int = 1  # weight copies the calls cycled through (--cold), 1 when hot
+    kernel: str = ""  # qlora rows: the kernel that served this batch ("isa.entry")
 
 
 @dataclass
@@ -44,6 +45,14 @@ def print_header(report: Report, out) -> None:
           f"bitsandbytes {m['bitsandbytes'] or '-'}", file=out)
     print(f"isa      active {m['active_isa']}; compiled {', '.join(m['compiled_isas'])}; "
           f"available {', '.join(m['available_isas'])}", file=out)
+    info = m.get("kernel_info")
+    if info:
+        for prec, regimes in info["precisions"].items():
+            served = ", ".join(
+                f"{r['kernel']} from batch {r['from_batch']}"
+                + (f" (runs {r['precision']}: no {prec} kernel here)" if r["fallback"] else "")
+                for r in regimes)
+            print(f"kernels  {prec}: {served}", file=out)
     print(f"threads  {m['threads']} for every method ({', '.join(m['thread_controls'])})",
           file=out)
     if m["threadpools"]:
@@ -83,12 +92,14 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def print_cells(cells: list[Cell], out, cold: bool) -> None:
     k_head = f" {'K':>4}" if cold else ""
-    print(f"{'batch':>5}  {'method':<22} {'median ms':>10} {'best ms':>9} {'GFLOP/s':>9} "
+    print(f"{'batch':>5}  {'method':<22} {'kernel':<26} {'median ms':>10} {'best ms':>9} "
+          f"{'GFLOP/s':>9} "
           f"{'wt GB/s':>8} {'vs numpy':>8} {'rel.diff':>8} {'reps':>4}{k_head}  note", file=out)
     for c in cells:
         ratio = "-" if c.vs_numpy is None else f"{c.vs_numpy:.2f}x"
         k = f" {c.copies:>4}" if cold else ""
-        print(f"{c.batch:>5}  {c.method:<22} {_fmt(c.median_ms, '10.3f')} "
+        print(f"{c.batch:>5}  {c.method:<22} {c.kernel or '-':<26} "
+              f"{_fmt(c.median_ms, '10.3f')} "
               f"{_fmt(c.best_ms, '9.3f')} {_fmt(c.gflops, '9.1f')} {_fmt(c.weight_gbs, '8.2f')} "
               f"{ratio:>8} "
               f"{_fmt(c.rel_diff, '8.1e')} {c.reps:>4}{k}  {c.note}", file=out)

@@ -11,6 +11,9 @@ By default ("hot") each method times one weight in a loop, so a weight smaller t
 last-level cache is read from cache. ``--cold`` gives every method K independent copies of its
 weight, K chosen so the copies exceed twice the last-level cache, and call i uses copy i % K:
 each call then streams its weight from DRAM, as the layers of a real model do.
+
+``--precision fp32,bf16,int8`` times qlora once per precision (each row names the kernel that
+served it, from ``_core.gemm_choice``); ``--plot FILE.png`` draws GFLOP/s against batch.
 """
 
 
@@ -29,13 +32,15 @@ import numpy as np
 
 from ... import _core
 from ..._layer import QLoraLinear
-from ..._runtime import get_num_threads, set_num_threads
+from ..._precision import PRECISIONS, check_precision
+from ..._runtime import get_num_threads, kernel_info, set_num_threads
 from ..._state import make_state, new_adapter, quantize_weight
 from ..common import nonneg_float, nonneg_int, parse_shape, positive_float, positive_int
 from .machine import (blas_info, cpu_name, llc_bytes, machine_cpu_seconds, mem_total_bytes,
                       own_cpu_seconds)
 from .methods import (COLD_CACHE_FACTOR, COLD_MEM_SHARE, GROUP_SIZE, METHOD_NAMES, ColdPlan,
                       Optional_, build_methods, import_optional, plan_copies, to_f64)
+from .plot import check_matplotlib, plot_cells
 from .report import Cell, Report, json_default, print_cells, print_header
 from .timing import Budget, measure, per_call
 
@@ -55,6 +60,19 @@ def _batch_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
     return values
+
+
+def _precision_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"precision must name some of {', '.join(PRECISIONS)}, "
+                                         f"got {text!r}")
+    for name in names:
+        try:
+            check_precision(name, "precision")
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +107,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="give every method enough copies of its weight to exceed 2x the "
                    "last-level cache and cycle through them, so each call reads its weight "
                    "from DRAM (default: one weight per method, timed hot)")
+    p.add_argument("--precision", type=_precision_list, default=("fp32",),
+                   metavar="P[,P...]",
+                   help="qlora's compute precisions to time, a row each: some of "
+                   f"{', '.join(PRECISIONS)} (default fp32); each row names its kernel")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw GFLOP/s against batch per method, a panel per shape "
+                   "(needs matplotlib: pip install 'qlora[plot]')")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=run)
 
@@ -141,7 +166,7 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
 
     xs = {b: rng.standard_normal((b, in_f)).astype(np.float32) for b in batches}
     notes: dict[str, str] = {}
-    methods = build_methods(w, layer, xs, opt, wanted, notes, bnb_q)
+    methods = build_methods(w, layer, xs, opt, wanted, notes, bnb_q, args.precision)
     nf4_bytes = 4 * w.size - layer.memory_saved_bytes()
     mode = "COLD (weights from DRAM)" if cold else "HOT (one weight per method, looped)"
     print(f"\n== forward {shape} (out x in), rank {args.rank}, group {GROUP_SIZE}, {mode}: fp32 "
@@ -185,9 +210,16 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             note = m.note
             if len(times) < budget.min_reps:
                 note = (note + "; " if note else "") + f"slow: only {len(times)} timed calls"
+            kernel = ""
+            if m.kernel is not None:
+                choice = m.kernel(b)
+                kernel = choice["kernel"]
+                if choice["precision"] != m.precision:
+                    note = (note + "; " if note else "") + (
+                        f"no {m.precision} kernel here: ran {choice['precision']}")
             row.append(Cell(shape, b, m.name, med * 1e3, min(times) * 1e3, flops / med / 1e9,
                             m.weight_bytes / med / 1e9, None, None, len(times), note,
-                            copies=max(1, len(m.copies))))
+                            copies=max(1, len(m.copies)), kernel=kernel))
             ys[m.name] = y64
         for c in row:
             y64 = ys.get(c.method)
@@ -277,6 +309,10 @@ def run(args: argparse.Namespace, out=None) -> int:
     threads = get_num_threads() if args.threads is None else args.threads
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise FileNotFoundError(f"--json {args.json}: its directory does not exist")
+    if args.plot:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+            raise FileNotFoundError(f"--plot {args.plot}: its directory does not exist")
+        check_matplotlib()
     opt = import_optional()  # before threadpoolctl looks, so torch's OpenMP is seen and limited
     set_num_threads(threads)
     if opt.torch is not None:
@@ -318,6 +354,8 @@ def run(args: argparse.Namespace, out=None) -> int:
         "max_call_seconds": budget.max_call_seconds,
         "settle": budget.settle,
         "cold": bool(args.cold),
+        "precisions": list(args.precision),
+        "kernel_info": kernel_info(),
         "llc_bytes": llc,
         "llc_source": llc_source,
         "cold_cache_factor": COLD_CACHE_FACTOR if args.cold else None,
@@ -328,7 +366,7 @@ def run(args: argparse.Namespace, out=None) -> int:
         if reason:
             report.notes.append(reason)
     if _core.active_isa() == "scalar" and "qlora-scalar" in wanted:
-        report.notes.append("the active ISA is scalar, so qlora[scalar] is the qlora row "
+        report.notes.append("the active ISA is scalar, so qlora fp32 is the scalar row "
                             "(measured once)")
     report.notes.append("best ms = fastest timed call (less sensitive to other processes than "
                         "the median); GFLOP/s counts 2*batch*out*in (the LoRA term's work is "
@@ -377,4 +415,10 @@ def run(args: argparse.Namespace, out=None) -> int:
                        "quantize": report.quantize, "overhead": report.overhead},
                       f, indent=1, default=json_default)
         print(f"wrote {args.json}", file=out)
+    if args.plot:
+        m = report.meta
+        plot_cells(report.forward, args.plot,
+                   f"qlora bench, {m['cpu']}, {threads} threads, rank {args.rank}, group "
+                   f"{GROUP_SIZE}, {'cold (weights from DRAM)' if args.cold else 'hot'}")
+        print(f"wrote {args.plot}", file=out)
     return 0
