@@ -10,6 +10,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -43,10 +44,21 @@ int env_threads() {
   return static_cast<int>(v);
 }
 
+std::atomic<int> g_fail_countdown{0};
+
+void maybe_fail_thread_start() {
+  if (g_fail_countdown.load() > 0 && g_fail_countdown.fetch_sub(1) == 1)
+    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                            "thread start refused (test hook)");
+}
+
 class Pool {
  public:
   explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
+    for (int i = 0; i < workers; ++i) {
+      maybe_fail_thread_start();
+      threads_.emplace_back([this] { work(); });
+    }
   }
   ~Pool() {
     {
@@ -182,5 +194,17 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   }
   pool->run(n_tasks, fn);
 }
+
+PoolInfo pool_info() {
+  PoolInfo info;
+  info.requested = get_num_threads();
+  std::lock_guard<std::mutex> lk(g_config_mutex);
+  info.threads = g_pool ? g_pool->workers() + 1 : 1;
+  return info;
+}
+
+namespace detail {
+void fail_thread_start_for_testing(int nth) { g_fail_countdown.store(nth); }
+}  // namespace detail
 
 }  // namespace qlora
