@@ -35,7 +35,8 @@ struct PoolInfo {
   std::string serial_fallback_reason;
 };
 // Starts the workers for the current thread count if they are not running (waiting for a job
-// that is using the pool), so the answer is what the next parallel_for will use.
+// that is using the pool), so the answer is what the next parallel_for will use. Not to be
+// called from inside a parallel_for task (it would wait for its own job).
 PoolInfo pool_info();
 
 namespace detail {
