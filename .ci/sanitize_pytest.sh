@@ -6,9 +6,10 @@
 # dev build is left alone. Python itself is not instrumented: the matching libasan/libubsan are
 # LD_PRELOADed.
 #
-# A sanitizer report kills pytest mid-run. So that one report does not hide the rest, the test
-# that was running is recorded and the suite resumes after it, skipping the tests that already
-# finished (at most MAX_CRASHES times). The exit status is non-zero if any test failed, erred or
+# A sanitizer report kills pytest mid-run. So that one report does not hide the rest, a small
+# plugin logs every test's start and outcome to a file; the test that was running is recorded
+# as killed and the suite resumes, skipping every test already started (at most MAX_CRASHES
+# times). The exit status is non-zero if any test failed, erred or
 # was killed, or if any process (subprocesses included) wrote a sanitizer report.
 #
 #   bash .ci/sanitize_pytest.sh PYTHON [BUILD_DIR]   (default BUILD_DIR: build/asan-py)
@@ -66,28 +67,56 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$REPORTS/repor
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-STATUS_RE='(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)'
-RESULTS="$BUILD/results.txt"  # "node-id STATUS" for every test that finished, all rounds
+# A small pytest plugin logs each test's start and outcome to RESULTS as it happens (flushed
+# to disk, so the log survives the process): "START<tab>id", then "PASSED|FAILED|SKIPPED|ERROR<tab>id".
+RESULTS="$BUILD/results.tsv"
 : >"$RESULTS"
+rm -f "$BUILD"/pytest.round*.log
+cat >"$STAGE/qlora_sanitize_log.py" <<'PY'
+import os
+
+_PATH = os.environ["QLORA_SANITIZE_RESULTS"]
+
+
+def _log(tag, nodeid):
+    with open(_PATH, "a", encoding="utf-8") as f:
+        f.write(f"{tag}\t{nodeid}\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _log("START", nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _log("SKIPPED", report.nodeid)
+    elif report.failed:
+        _log("FAILED" if report.when == "call" else "ERROR", report.nodeid)
+    elif report.when == "call":
+        _log("PASSED", report.nodeid)
+PY
+export QLORA_SANITIZE_RESULTS="$RESULTS"
+ids_with() { awk -F'\t' -v s="$1" '$1 == s {print $2}' "$RESULTS" | sort -u; }
 crashed=()
 rc=0
+collected=0
 for ((round = 0; round <= MAX_CRASHES; ++round)); do
   out="$BUILD/pytest.round$round.log"
-  # Resume after a crash: every test that already finished, and every crashed one, is skipped.
+  before=$(wc -l <"$RESULTS")
+  # Resume after a crash: every test that already started (finished or killed) is skipped.
   args=()
-  while read -r id; do args+=(--deselect "$id"); done < <(cut -d' ' -f1 "$RESULTS" | sort -u)
-  for id in "${crashed[@]}"; do args+=(--deselect "$id"); done
+  while IFS= read -r id; do args+=(--deselect "$id"); done < <(ids_with START)
   set +e
-  "$PY" -m pytest -v -p no:cacheprovider --capture=sys "${args[@]}" ${SANITIZE_TESTS:-tests} >"$out" 2>&1
+  "$PY" -m pytest -v -p no:cacheprovider -p qlora_sanitize_log --capture=sys "${args[@]}" \
+    ${SANITIZE_TESTS:-tests} >"$out" 2>&1
   rc=$?
   set -e
-  grep -oE "^tests/[^ ]+ $STATUS_RE" "$out" >>"$RESULTS" || true
+  [[ $round -gt 0 ]] || collected=$(grep -oE 'collected [0-9]+ items' "$out" | grep -oE '[0-9]+' || echo 0)
   # A finished run prints pytest's summary line; a sanitizer exit does not.
   if grep -qE '^=+ .* in [0-9.]+s' "$out"; then break; fi
-  # The test that was running: pytest -v writes its node id before running it.
-  last=$(grep -E '^tests/[^ ]+::' "$out" | tail -n 1 || true)
-  victim=${last%% *}
-  if [[ -z "$victim" || "$last" =~ \ $STATUS_RE ]]; then
+  # The test that was running when the process died: the last one this round started.
+  victim=$(tail -n +"$((before + 1))" "$RESULTS" | awk -F'\t' '$1 == "START" {id = $2} END {print id}')
+  if [[ -z "$victim" ]]; then
     echo "sanitize_pytest: pytest died (status $rc) outside a test; see $out" >&2
     crashed+=("(outside a test, round $round)")
     break
@@ -96,19 +125,19 @@ for ((round = 0; round <= MAX_CRASHES; ++round)); do
   crashed+=("$victim")
 done
 
-count() { awk -v s="$1" '$2 == s' "$RESULTS" | sort -u | wc -l; }
+count() { ids_with "$1" | grep -c . || true; }
 passed=$(count PASSED); failed=$(count FAILED); skipped=$(count SKIPPED); errors=$(count ERROR)
 REPORT_RE='runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer'
 all_reports() { cat "$BUILD"/pytest.round*.log "$REPORTS"/report.* 2>/dev/null | grep -E "$REPORT_RE" || true; }
 reports=$(all_reports | grep -c . || true)
 echo
 echo "sanitize_pytest: $passed passed, $failed failed, $errors errors, $skipped skipped," \
-  "${#crashed[@]} killed; sanitizer reports: $reports (logs in $BUILD)"
-awk '$2 == "FAILED" || $2 == "ERROR"' "$RESULTS" | sort -u | sed 's/^/  /'
+  "${#crashed[@]} killed, of $collected collected; sanitizer reports: $reports (logs in $BUILD)"
+awk -F'\t' '$1 == "FAILED" || $1 == "ERROR" {print "  " $2 " " $1}' "$RESULTS" | sort -u
 for t in "${crashed[@]}"; do echo "  $t KILLED"; done
 # One line per distinct report (its first line), then the first ASan report file in full.
 all_reports | sed 's/0x[0-9a-f]*/0x.../g' | sort | uniq -c
-first=$(ls "$REPORTS"/report.* 2>/dev/null | head -n 1 || true)
+first=$(grep -lE "$REPORT_RE" "$REPORTS"/report.* 2>/dev/null | head -n 1 || true)
 if [[ -n "$first" ]]; then echo "--- $first"; head -n 40 "$first"; fi
 if [[ $failed -gt 0 || $errors -gt 0 || $reports -gt 0 || ${#crashed[@]} -gt 0 || $rc -ne 0 && $rc -ne 5 ]]; then
   exit 1
