@@ -16,6 +16,7 @@ import numpy as np
 
 from ... import _core
 from ..._layer import QLoraLinear
+from ..._state import quantize_weight
 
 __all__ = ["COLD_CACHE_FACTOR", "COLD_MAX_COPIES", "COLD_MEM_SHARE", "ColdPlan", "GROUP_SIZE",
            "METHOD_NAMES", "Method", "Optional_", "build_methods", "import_optional",
@@ -133,12 +134,13 @@ def _qlora_prepare(layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | Non
 
 
 def _qlora_method(name: str, layer: QLoraLinear, xs: dict[int, np.ndarray], isa: str | None,
-                  nf4_bytes: int, precision: str = "fp32") -> Method:
+                  nf4_bytes: int, tensor: _core.Nf4Tensor, precision: str = "fp32") -> Method:
+    """`tensor`: a core view of the same weight layout, for asking which kernel serves it."""
     slow = (isa or _core.active_isa()) == "scalar"
 
     def kernel(batch: int) -> dict:
         with _IsaForced(isa):
-            return dict(_core.gemm_choice(layer._state.tensor, precision, batch))
+            return dict(_core.gemm_choice(tensor, precision, batch))
 
     return Method(name, nf4_bytes, _qlora_prepare(layer, xs, isa, precision), may_skip=slow,
                   replicate=lambda: _qlora_prepare(copy.deepcopy(layer), xs, isa, precision),
@@ -157,11 +159,16 @@ def build_methods(w: np.ndarray, layer: QLoraLinear, xs: dict[int, np.ndarray], 
     nf4_bytes = 4 * out_f * in_f - layer.memory_saved_bytes()
     active = _core.active_isa()
     methods: list[Method] = []
+    if "qlora" in wanted or "qlora-scalar" in wanted:
+        # The kernel choice depends on the layout only (shape, group size): an equal weight
+        # quantized once more gives the core view to ask, without reading the layer's state.
+        tensor = quantize_weight(w, layer.group_size, False).tensor()
     if "qlora" in wanted:
         for p in precisions:
-            methods.append(_qlora_method(f"qlora {p}", layer, xs, None, nf4_bytes, p))
+            methods.append(_qlora_method(f"qlora {p}", layer, xs, None, nf4_bytes, tensor, p))
     if "qlora-scalar" in wanted and active != "scalar":
-        methods.append(_qlora_method("qlora fp32[scalar]", layer, xs, "scalar", nf4_bytes))
+        methods.append(_qlora_method("qlora fp32[scalar]", layer, xs, "scalar", nf4_bytes,
+                                     tensor))
     if "numpy" in wanted:
         def numpy_prep(wc: np.ndarray) -> Callable[[int], Callable[[], np.ndarray]]:
             return lambda b: (lambda x=xs[b]: x @ wc.T)
