@@ -83,6 +83,7 @@ def test_bench_precisions_name_their_kernels(tmp_path, capsys):
                 choice = _core.gemm_choice(layer_like._state.tensor, p, b)
                 assert c["kernel"] == choice["kernel"]  # the kernel that served the row
                 assert ("no " + p + " kernel here" in c["note"]) == (choice["precision"] != p)
+                assert c["fallback"] == (choice["precision"] != p)
                 # Each precision is close to NumPy's product of the unquantized weight: NF4.
                 assert 0.01 < c["rel_diff"] < 0.5
 

@@ -68,21 +68,29 @@ def plot_cells(cells: list[Cell], path: str, title: str) -> None:
     for ax, shape in zip(axes.flat, shapes):
         batches = sorted({c.batch for c in cells if c.shape == shape})
         for m in methods:
-            pts = sorted((c.batch, c.gflops) for c in cells
+            pts = sorted((c.batch, c.gflops, c.fallback) for c in cells
                          if c.shape == shape and c.method == m and c.gflops is not None)
             if not pts:
                 continue
             colour, line, marker = styles[m]
             strong = m.startswith("qlora") and "[scalar]" not in m
-            ax.plot([b for b, _ in pts], [g for _, g in pts], line, marker=marker,
-                    color=colour, label=m, linewidth=2.2 if strong else 1.4,
-                    markersize=6 if strong else 5)
+            all_fb = all(f for *_, f in pts)
+            label = m + (" (no kernel: ran fp32)" if all_fb else "")
+            size = 6 if strong else 5
+            ax.plot([b for b, *_ in pts], [g for _, g, _ in pts], line, color=colour,
+                    label=label, linewidth=2.2 if strong else 1.4, marker=marker,
+                    markersize=size, markerfacecolor="white" if all_fb else colour)
+            # Hollow markers where the precision fell back to fp32, filled where it ran.
+            for b, g, fb in pts:
+                if fb and not all_fb:
+                    ax.plot([b], [g], marker=marker, color=colour, markersize=size,
+                            markerfacecolor="white", linestyle="none")
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches)
         ax.set_xticklabels([str(b) for b in batches])
         ax.minorticks_off()
         ax.set_xlabel("batch (rows of x)")
-        ax.set_ylabel("GFLOP/s (2 x batch x out x in / time), log scale")
+        ax.set_ylabel("GFLOP/s (median call; log scale)")
         ax.set_title(f"{shape} (out x in)")
         # Batch 1 runs at tens of GFLOP/s and batch 512 at hundreds: a log axis keeps both
         # readable, and equal ratios are equal distances at every batch.

@@ -26,6 +26,7 @@ class Cell:
     note: str = ""
     copies: int = 1  # weight copies the calls cycled through (--cold), 1 when hot
     kernel: str = ""  # qlora rows: the kernel that served this batch ("isa.entry")
+    fallback: bool = False  # qlora rows: the precision asked for had no kernel; fp32 ran
 
 
 @dataclass

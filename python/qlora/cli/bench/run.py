@@ -210,16 +210,16 @@ def _bench_shape(out_f: int, in_f: int, batches: list[int], args: argparse.Names
             note = m.note
             if len(times) < budget.min_reps:
                 note = (note + "; " if note else "") + f"slow: only {len(times)} timed calls"
-            kernel = ""
+            kernel, fallback = "", False
             if m.kernel is not None:
                 choice = m.kernel(b)
-                kernel = choice["kernel"]
-                if choice["precision"] != m.precision:
+                kernel, fallback = choice["kernel"], choice["precision"] != m.precision
+                if fallback:
                     note = (note + "; " if note else "") + (
                         f"no {m.precision} kernel here: ran {choice['precision']}")
             row.append(Cell(shape, b, m.name, med * 1e3, min(times) * 1e3, flops / med / 1e9,
                             m.weight_bytes / med / 1e9, None, None, len(times), note,
-                            copies=max(1, len(m.copies)), kernel=kernel))
+                            copies=max(1, len(m.copies)), kernel=kernel, fallback=fallback))
             ys[m.name] = y64
         for c in row:
             y64 = ys.get(c.method)
