@@ -118,51 +118,81 @@ void prepare(const ForwardArgs& p, int64_t blocks, int64_t nsb, Q8Prep& pp) {
   pp.corr = corr;
 }
 
-// R output rows from o by NB batch rows from b0. Code loads of a partial last superblock are
-// masked, so the last row of W is never read past its end; its missing blocks decode as some
-// weight times a zero activation, scale and correction, which adds exactly 0.
-template <int R, int NB>
-void q8_tile(const ForwardArgs& p, const Q8Prep& pp, const ScalePlan& plan, const float* const* srow,
-             int64_t o, int64_t b0) {
-  const int64_t row_bytes = packed_row_bytes(p.w.in_features);
-  const VI table = make_wtable();
+// One superblock s of R output rows (codes at c[r]) by NB batch rows from b0, added to acc.
+// TAIL: the superblock is the partial last one; its code loads are masked, so the last row of W
+// is never read past its end, and its missing blocks decode as some weight times a zero
+// activation, scale and correction, which adds exactly 0.
+template <int R, int NB, bool TAIL>
+QLORA_VEC_INLINE void q8_superblock(const Q8Prep& pp, const ScalePlan& plan, const uint8_t* const* c,
+                                    const float* const* srow, int64_t s, int64_t b0, VI table, VF (&acc)[R][NB]) {
+  const int64_t valid_bytes = (pp.blocks - s * kSbBlocks) * kBlockBytes;
+  const int n_units = plan.count[static_cast<size_t>(s)];
+  const VI idx = vi_load(plan.idx.data() + s * kSbBlocks);
+  const int64_t u0 = plan.first[static_cast<size_t>(s)];
   const VF inv127 = vf_set1(1.0f / 127.0f);
-  VF acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = vf_zero();
-  for (int64_t s = 0; s < pp.nsb; ++s) {
-    const int64_t valid_bytes = (pp.blocks - s * kSbBlocks) * kBlockBytes;  // > 0
-    const int n_units = plan.count[static_cast<size_t>(s)];
-    const VI idx = vi_load(plan.idx.data() + s * kSbBlocks);
-    const int64_t u0 = plan.first[static_cast<size_t>(s)];
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* c = p.w.codes + (o + r) * row_bytes + s * kSbBytes;
-      VI wl[4], wh[4];
-      for (int j = 0; j < 4; ++j) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* cs = c[r] + s * kSbBytes;
+    VI wl[4], wh[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      VI raw;
+      if constexpr (TAIL) {
         const int64_t left = valid_bytes - j * kLanes * kBlockBytes;
-        const VI raw = left >= kLanes * kBlockBytes ? vi_load(c + j * kLanes * kBlockBytes)
-                       : left > 0                  ? vi_loadn(c + j * kLanes * kBlockBytes, static_cast<int>(left))
-                                                   : vi_zero();
-        decode(table, raw, wl[j], wh[j]);
+        raw = left >= kLanes * kBlockBytes ? vi_load(cs + j * kLanes * kBlockBytes)
+              : left > 0                  ? vi_loadn(cs + j * kLanes * kBlockBytes, static_cast<int>(left))
+                                          : vi_zero();
+      } else {
+        raw = vi_load(cs + j * kLanes * kBlockBytes);
       }
-      const float* su = srow[r] + u0;
-      const VF sv = n_units >= kVf ? vf_load(su) : vf_loadn(su, n_units);
-      const VF ws = vf_mul(vf_permute(sv, idx), inv127);
-      for (int b = 0; b < NB; ++b) {
-        const int8_t* xb = pp.xr + ((b0 + b) * pp.nsb + s) * kSbCols;
-        VI a[4];
-        for (int j = 0; j < 4; ++j) {
-          const int8_t* xq = xb + j * 2 * kLanes * 16;
-          a[j] = dot4(dot4(vi_zero(), wl[j], vi_load(xq)), wh[j], vi_load(xq + kLanes * 16));
-        }
-        VI isum = reduce4(a[0], a[1], a[2], a[3]);
-        const int64_t at = ((b0 + b) * pp.nsb + s) * kSbBlocks;
-        if constexpr (kOffsetWeights) isum = vi_sub(isum, vi_load(pp.corr + at));
-        const VF scale = vf_mul(vf_load(pp.d + at), ws);
-        acc[r][b] = vf_add(acc[r][b], vf_mul(vf_from_i32(isum), scale));
+      decode(table, raw, wl[j], wh[j]);
+    }
+    const float* su = srow[r] + u0;
+    const VF sv = n_units >= kVf ? vf_load(su) : vf_loadn(su, n_units);
+    const VF ws = vf_mul(vf_permute(sv, idx), inv127);
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      const int8_t* xb = pp.xr + ((b0 + b) * pp.nsb + s) * kSbCols;
+      VI a[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int8_t* xq = xb + j * 2 * kLanes * 16;
+        a[j] = dot4(dot4(vi_zero(), wl[j], vi_load(xq)), wh[j], vi_load(xq + kLanes * 16));
       }
+      VI isum = reduce4(a[0], a[1], a[2], a[3]);
+      const int64_t at = ((b0 + b) * pp.nsb + s) * kSbBlocks;
+      if constexpr (kOffsetWeights) isum = vi_sub(isum, vi_load(pp.corr + at));
+      const VF scale = vf_mul(vf_load(pp.d + at), ws);
+      acc[r][b] = vf_add(acc[r][b], vf_mul(vf_from_i32(isum), scale));
     }
   }
+}
+
+// R output rows from o by NB batch rows from b0, over the whole row. The next rows' codes are
+// prefetched a superblock at a time: rows are only a few KiB, short for the hardware
+// prefetcher to ramp up on its own.
+template <int R, int NB>
+void q8_tile(const ForwardArgs& p, const Q8Prep& pp, const ScalePlan& plan, const float* const* srow,
+             int64_t o, int64_t b0, int64_t row_end) {
+  const int64_t row_bytes = packed_row_bytes(p.w.in_features);
+  const VI table = make_wtable();
+  const uint8_t* c[R];
+  VF acc[R][NB];
+  for (int r = 0; r < R; ++r) {
+    c[r] = p.w.codes + (o + r) * row_bytes;
+    for (int b = 0; b < NB; ++b) acc[r][b] = vf_zero();
+  }
+  // Rows R ahead, clamped to the range (the last tile prefetches its own rows again).
+  const int64_t ahead = o + 2 * R <= row_end ? R : 0;
+  const char* next = reinterpret_cast<const char*>(c[0] + ahead * row_bytes);
+  const int64_t full = pp.blocks / kSbBlocks;
+  for (int64_t s = 0; s < full; ++s) {
+    for (int r = 0; r < R; ++r) {
+      for (int64_t l = 0; l < kSbBytes; l += 64) _mm_prefetch(next + r * row_bytes + s * kSbBytes + l, _MM_HINT_T0);
+    }
+    q8_superblock<R, NB, false>(pp, plan, c, srow, s, b0, table, acc);
+  }
+  if (full < pp.nsb) q8_superblock<R, NB, true>(pp, plan, c, srow, full, b0, table, acc);
   const int64_t out = p.w.out_features;
   for (int r = 0; r < R; ++r) {
     for (int b = 0; b < NB; ++b) {
@@ -180,11 +210,11 @@ void q8_rows(const ForwardArgs& p, const Q8Prep& pp, const ScalePlan& plan, floa
   int64_t o = row_begin;
   for (; o + R <= row_end; o += R) {
     for (int r = 0; r < R; ++r) srow[r] = row_scales(p.w, plan, o + r, sbuf + r * plan.units);
-    q8_tile<R, NB>(p, pp, plan, srow, o, b0);
+    q8_tile<R, NB>(p, pp, plan, srow, o, b0, row_end);
   }
   for (; o < row_end; ++o) {
     srow[0] = row_scales(p.w, plan, o, sbuf);
-    q8_tile<1, NB>(p, pp, plan, srow, o, b0);
+    q8_tile<1, NB>(p, pp, plan, srow, o, b0, row_end);
   }
 }
 
