@@ -347,3 +347,20 @@ TEST_CASE("int8: layers failing q8_layout_ok run in fp32 and equal the fp32 forw
     }
   }
 }
+
+#if defined(__aarch64__)
+TEST_CASE("int8: an aarch64 CPU with the dot product runs int8 on neon_dot") {
+  // Under qemu-aarch64 the default (max) CPU has dotprod; the run prints what it saw.
+  const Layer l = make_layer(4, 64, 64, 13);
+  const bool dot = (cpu_features() & kFeatureNeonDot) != 0;
+  const GemmChoice c = choose_gemm(Precision::kInt8, 1, l.view(false));
+  WARN("aarch64: dotprod " << (dot ? "present" : "absent") << ", active ISA " << active_kernels().name
+                           << ", int8 kernel from " << c.isa);
+  if (!dot) {
+    WARN("SKIPPED: neon_dot not tested: this CPU lacks the dot-product extension");
+    return;
+  }
+  REQUIRE(std::string(c.isa) == "neon_dot");
+  REQUIRE(c.precision == Precision::kInt8);
+}
+#endif
