@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace qlora {
@@ -59,6 +60,11 @@ constexpr int kQ8Rows1 = 4;
 constexpr int kQ8Nb = 4;
 constexpr int kQ8RowsNb = 2;
 constexpr int kQ8MaxRows = 4;
+// From 16 batch rows: panels of 2 x 16 output rows, tiles of 6 batch rows (12 int32 and 12 float
+// accumulators, 2 weight vectors, 1 broadcast).
+constexpr int kQ8PanelUnits = 2;
+constexpr int kQ8PanelMr = 6;
+constexpr int64_t kQ8PanelMinBatch = 16;
 
 using VI = __m512i;
 using VF = __m512;
@@ -68,6 +74,8 @@ QLORA_VEC_INLINE VI vi_load(const void* p) { return _mm512_loadu_si512(p); }
 QLORA_VEC_INLINE VI vi_loadn(const void* p, int bytes) {
   return _mm512_maskz_loadu_epi8(bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1, p);
 }
+QLORA_VEC_INLINE VI vi_set1(int32_t a) { return _mm512_set1_epi32(a); }
+QLORA_VEC_INLINE void vi_store(void* p, VI a) { _mm512_storeu_si512(p, a); }
 QLORA_VEC_INLINE VI vi_add(VI a, VI b) { return _mm512_add_epi32(a, b); }
 QLORA_VEC_INLINE VI vi_sub(VI a, VI b) { return _mm512_sub_epi32(a, b); }
 QLORA_VEC_INLINE int32_t vi_reduce_add(VI a) { return _mm512_reduce_add_epi32(a); }
@@ -104,11 +112,37 @@ QLORA_VEC_INLINE void rearrange_quad(const int8_t* src, int8_t* dst) {
   _mm512_storeu_si512(dst + 64, _mm512_shuffle_i64x2(a, b, 0xdd));
 }
 
+// 16 x 16 int32 transpose: 4 x 4 within each 128-bit lane for each group of 4 rows, then the
+// 4 x 4 matrix of 128-bit lanes, twice.
+QLORA_VEC_INLINE void transpose_dwords(VI r[16]) {
+  VI u[16];
+  for (int g = 0; g < 4; ++g) {
+    const VI t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]), t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+    const VI t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]), t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const VI v01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), w01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const VI v23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[0 + c] = _mm512_shuffle_i32x4(v01, v23, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(w01, w23, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v01, v23, 0xdd);
+    r[12 + c] = _mm512_shuffle_i32x4(w01, w23, 0xdd);
+  }
+}
+
 QLORA_VEC_INLINE VF vf_zero() { return _mm512_setzero_ps(); }
 QLORA_VEC_INLINE VF vf_set1(float a) { return _mm512_set1_ps(a); }
 QLORA_VEC_INLINE VF vf_load(const float* p) { return _mm512_loadu_ps(p); }
 QLORA_VEC_INLINE VF vf_loadn(const float* p, int n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+QLORA_VEC_INLINE void vf_store(float* p, VF a) { _mm512_storeu_ps(p, a); }
+QLORA_VEC_INLINE void vf_storen(float* p, VF a, int n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), a);
 }
 QLORA_VEC_INLINE VF vf_mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 QLORA_VEC_INLINE VF vf_add(VF a, VF b) { return _mm512_add_ps(a, b); }

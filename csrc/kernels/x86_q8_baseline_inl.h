@@ -69,9 +69,10 @@ ScalePlan& thread_plan() {
 }
 
 // 64-byte aligned per-thread scratch: slot 0 the rearranged activations, 1 the activation
-// scales, 2 the corrections, 3 the decoded weight scales.
+// scales, 2 the corrections, 3 the decoded weight scales, 4 the decoded weight panel, 5 its
+// scales.
 void* q8_scratch(int slot, size_t bytes) {
-  thread_local std::vector<unsigned char> buffers[4];
+  thread_local std::vector<unsigned char> buffers[6];
   std::vector<unsigned char>& b = buffers[slot];
   if (b.size() < bytes + 64) b.resize(bytes + 64);
   const uintptr_t p = reinterpret_cast<uintptr_t>(b.data());

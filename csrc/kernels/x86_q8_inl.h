@@ -8,12 +8,13 @@
 // The primitives the includer provides: kLanes; kOffsetWeights (true: weights are looked up as
 // kNf4Int8 + 128 so the unsigned operand of vpdpbusd is the weight, and 128 * sum(q) is taken
 // off each block; false: weights stay signed and dot4() needs no correction); vi_zero, vi_load,
-// vi_loadn (a multiple of 16 bytes), vi_sub, vi_add, make_wtable, decode, dot4,
-// reduce4, rearrange_quad; vf_zero, vf_set1, vf_load, vf_loadn, vf_mul, vf_add, vf_abs, vf_max,
+// vi_loadn (a multiple of 16 bytes), vi_set1, vi_store, vi_sub, vi_add, make_wtable, decode,
+// dot4, reduce4, rearrange_quad, transpose_dwords; vf_store, vf_storen, vf_zero, vf_set1, vf_load, vf_loadn, vf_mul, vf_add, vf_abs, vf_max,
 // vf_has_nan, vf_reduce_max, vf_reduce_add, vf_permute, vf_from_i32, vf_to_i32 (nearest even),
 // vi_clamp127, store_i8, vi_reduce_add; the tile shapes kQ8Rows1 (output rows per tile at
 // batch 1), kQ8Nb (batch rows per tile otherwise), kQ8RowsNb (output rows per such tile) and
-// kQ8MaxRows (the larger of the two); and x86_q8_baseline_inl.h before its target region.
+// kQ8MaxRows (the larger of the two), and of the batched panel path kQ8PanelUnits, kQ8PanelMr
+// and kQ8PanelMinBatch; and x86_q8_baseline_inl.h before its target region.
 //
 // Layout of the product. decode() turns kLanes packed blocks (16 bytes each, one per 128-bit
 // lane) into two byte vectors: columns 0-15 of each block (low nibbles) and columns 16-31 (high
@@ -218,6 +219,133 @@ void q8_rows(const ForwardArgs& p, const Q8Prep& pp, const ScalePlan& plan, floa
   }
 }
 
+// ---------------------------------------------------------------- batched panel path
+// From kQ8PanelMinBatch batch rows, the decode is shared by enough batch rows to pay for a
+// transposed panel: kPanelRows = kQ8PanelUnits * kVf output rows decoded once into int8 in the
+// layout vpdpbusd wants with broadcast activations (int32 lane i = 4 consecutive columns of row
+// i), for the whole row length (16 KiB per 512 columns on AVX-512, so an L2-resident panel for
+// any real in_features), then MR batch rows x kPanelRows output rows per register tile. Each
+// block's int32 sums are exact; the float term and the per-element accumulation run in
+// increasing block order, as the scalar specification adds them.
+constexpr int kPanelRows = kQ8PanelUnits * kVf;
+
+// Rows [o0, o0 + nrows) of W into panel[((k * 8 + t) * kQ8PanelUnits + u) * kVf + i] (4 bytes
+// each: columns 4t..4t+3 of block k of row o0 + u * kVf + i) and their block scales times 1/127
+// into wsp[(k * kQ8PanelUnits + u) * kVf + i]. Rows past nrows decode code 0 and scale 0.
+void decode_panel(const ForwardArgs& p, const ScalePlan& plan, float* sbuf, int64_t o0, int nrows,
+                  int32_t* panel, float* wsp) {
+  const int64_t row_bytes = packed_row_bytes(p.w.in_features);
+  const int64_t blocks = blocks_per_row(p.w.in_features);
+  const VI table = make_wtable();
+  for (int u = 0; u < kQ8PanelUnits; ++u) {
+    const int vr = static_cast<int>(q8_min(kVf, q8_min(nrows - u * kVf, kVf)));
+    for (int i = 0; i < kVf; ++i) {
+      const int64_t r = o0 + u * kVf + i;
+      const float* su = i < vr ? row_scales(p.w, plan, r, sbuf) : nullptr;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const int64_t unit = plan.per_block ? k : k / (p.w.group_size / kBlockCols);
+        wsp[(k * kQ8PanelUnits + u) * kVf + i] = i < vr ? su[unit] * (1.0f / 127.0f) : 0.0f;
+      }
+    }
+    // kLanes blocks at a time: kVf rows x kVf dwords of raw codes, transposed so that vector q
+    // holds dword q % 4 of block q / 4 of every row; its low nibbles are columns 4 (q % 4) + 0..3
+    // and its high nibbles columns 16 + 4 (q % 4) + 0..3 of that block.
+    for (int64_t k0 = 0; k0 < blocks; k0 += kLanes) {
+      const int bytes = static_cast<int>(q8_min(kLanes, blocks - k0) * kBlockBytes);
+      VI t[kVf];
+      for (int i = 0; i < kVf; ++i) {
+        const uint8_t* src = p.w.codes + (o0 + u * kVf + i) * row_bytes + k0 * kBlockBytes;
+        t[i] = i >= vr ? vi_zero() : bytes == kLanes * kBlockBytes ? vi_load(src) : vi_loadn(src, bytes);
+      }
+      transpose_dwords(t);
+      for (int q = 0; q < kVf; ++q) {
+        const int64_t k = k0 + q / 4;
+        if (k >= blocks) break;
+        VI lo, hi;
+        decode(table, t[q], lo, hi);
+        vi_store(panel + ((k * 8 + q % 4) * kQ8PanelUnits + u) * kVf, lo);
+        vi_store(panel + ((k * 8 + q % 4 + 4) * kQ8PanelUnits + u) * kVf, hi);
+      }
+    }
+  }
+}
+
+template <int MR>
+void panel_tile(const ForwardArgs& p, const int32_t* panel, const float* wsp, int64_t o0, int nrows, int64_t b0) {
+  constexpr int U = kQ8PanelUnits;
+  const int64_t cols = padded_cols(p.w.in_features), blocks = cols / kQ8Block;
+  const int8_t* xq[MR];
+  for (int b = 0; b < MR; ++b) xq[b] = p.x_q8 + (b0 + b) * cols;
+  VF acc[MR][U];
+  for (int b = 0; b < MR; ++b)
+    for (int u = 0; u < U; ++u) acc[b][u] = vf_zero();
+  for (int64_t k = 0; k < blocks; ++k) {
+    VI a[MR][U];
+    for (int b = 0; b < MR; ++b) {
+      // With offset weights each block sum carries 128 * sum(q): start from its negation.
+      const VI init = kOffsetWeights ? vi_set1(-128 * p.x_q8_sum[(b0 + b) * blocks + k]) : vi_zero();
+      for (int u = 0; u < U; ++u) a[b][u] = init;
+    }
+    const int32_t* pk = panel + k * 8 * U * kVf;
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      VI w[U];
+      for (int u = 0; u < U; ++u) w[u] = vi_load(pk + (t * U + u) * kVf);
+#pragma GCC unroll 12
+      for (int b = 0; b < MR; ++b) {
+        int32_t x4;
+        std::memcpy(&x4, xq[b] + k * kQ8Block + 4 * t, sizeof x4);
+        const VI xb = vi_set1(x4);
+        for (int u = 0; u < U; ++u) a[b][u] = dot4(a[b][u], w[u], xb);
+      }
+    }
+    VF ws[U];
+    for (int u = 0; u < U; ++u) ws[u] = vf_load(wsp + (k * U + u) * kVf);
+    for (int b = 0; b < MR; ++b) {
+      const VF d = vf_set1(p.x_q8_scale[(b0 + b) * blocks + k]);
+      for (int u = 0; u < U; ++u) acc[b][u] = vf_add(acc[b][u], vf_mul(vf_from_i32(a[b][u]), vf_mul(d, ws[u])));
+    }
+  }
+  const int64_t out = p.w.out_features;
+  for (int u = 0; u < U; ++u) {
+    const int n = static_cast<int>(q8_min(kVf, nrows - u * kVf));
+    if (n <= 0) continue;
+    const int64_t o = o0 + u * kVf;
+    const VF bias = p.bias == nullptr ? vf_zero() : n == kVf ? vf_load(p.bias + o) : vf_loadn(p.bias + o, n);
+    for (int b = 0; b < MR; ++b) {
+      const VF y = p.bias == nullptr ? acc[b][u] : vf_add(acc[b][u], bias);
+      float* dst = p.y + (b0 + b) * out + o;
+      if (n == kVf) {
+        vf_store(dst, y);
+      } else {
+        vf_storen(dst, y, n);
+      }
+    }
+  }
+}
+
+template <int MR>
+void panel_tile_n(int mr, const ForwardArgs& p, const int32_t* panel, const float* wsp, int64_t o0, int nrows,
+                  int64_t b0) {
+  if constexpr (MR > 0) {
+    if (mr == MR) return panel_tile<MR>(p, panel, wsp, o0, nrows, b0);
+    panel_tile_n<MR - 1>(mr, p, panel, wsp, o0, nrows, b0);
+  }
+}
+
+void gemm_panel(const ForwardArgs& p, const ScalePlan& plan, float* sbuf, int64_t row_begin, int64_t row_end) {
+  const int64_t blocks = blocks_per_row(p.w.in_features);
+  int32_t* panel = static_cast<int32_t*>(q8_scratch(4, static_cast<size_t>(blocks * 8 * kPanelRows) * sizeof(int32_t)));
+  float* wsp = static_cast<float*>(q8_scratch(5, static_cast<size_t>(blocks * kPanelRows) * sizeof(float)));
+  for (int64_t o0 = row_begin; o0 < row_end; o0 += kPanelRows) {
+    const int nrows = static_cast<int>(q8_min(kPanelRows, row_end - o0));
+    decode_panel(p, plan, sbuf, o0, nrows, panel, wsp);
+    for (int64_t b0 = 0; b0 < p.batch; b0 += kQ8PanelMr) {
+      panel_tile_n<kQ8PanelMr>(static_cast<int>(q8_min(kQ8PanelMr, p.batch - b0)), p, panel, wsp, o0, nrows, b0);
+    }
+  }
+}
+
 void gemm_nf4_q8(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   const int64_t blocks = blocks_per_row(p.w.in_features);
   const int64_t nsb = (blocks + kSbBlocks - 1) / kSbBlocks;
@@ -225,6 +353,7 @@ void gemm_nf4_q8(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   make_plan(p.w, blocks, nsb, plan);
   // Scale rows are read a whole vector at a time: pad the scratch so the last one stays inside.
   float* sbuf = static_cast<float*>(q8_scratch(3, sizeof(float) * static_cast<size_t>(kQ8MaxRows * (plan.units + kVf))));
+  if (p.batch >= kQ8PanelMinBatch) return gemm_panel(p, plan, sbuf, row_begin, row_end);
   Q8Prep pp;
   prepare(p, blocks, nsb, pp);
   if (p.batch == 1) return q8_rows<kQ8Rows1, 1>(p, pp, plan, sbuf, row_begin, row_end, 0);

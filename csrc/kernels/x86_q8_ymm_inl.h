@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(QLORA_Q8_AVX_VNNI)
@@ -70,6 +71,10 @@ constexpr int kQ8Rows1 = 2;
 constexpr int kQ8Nb = 2;
 constexpr int kQ8RowsNb = 1;
 constexpr int kQ8MaxRows = 2;
+// From 16 batch rows: panels of 8 output rows, tiles of 4 batch rows.
+constexpr int kQ8PanelUnits = 1;
+constexpr int kQ8PanelMr = 4;
+constexpr int64_t kQ8PanelMinBatch = 16;
 
 using VI = __m256i;
 using VF = __m256;
@@ -80,6 +85,8 @@ QLORA_VEC_INLINE VI vi_load(const void* p) { return _mm256_loadu_si256(static_ca
 QLORA_VEC_INLINE VI vi_loadn(const void* p, int bytes) {
   return bytes >= 32 ? vi_load(p) : _mm256_zextsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
 }
+QLORA_VEC_INLINE VI vi_set1(int32_t a) { return _mm256_set1_epi32(a); }
+QLORA_VEC_INLINE void vi_store(void* p, VI a) { _mm256_storeu_si256(static_cast<__m256i*>(p), a); }
 QLORA_VEC_INLINE VI vi_add(VI a, VI b) { return _mm256_add_epi32(a, b); }
 QLORA_VEC_INLINE VI vi_sub(VI a, VI b) { return _mm256_sub_epi32(a, b); }
 QLORA_VEC_INLINE int32_t vi_reduce_add(VI a) {
@@ -129,6 +136,23 @@ QLORA_VEC_INLINE void rearrange_quad(const int8_t* src, int8_t* dst) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
+// 8 x 8 int32 transpose: 4 x 4 within each lane for each group of 4 rows, then the lanes.
+QLORA_VEC_INLINE void transpose_dwords(VI r[8]) {
+  VI u[8];
+  for (int g = 0; g < 2; ++g) {
+    const VI t0 = _mm256_unpacklo_epi32(r[4 * g], r[4 * g + 1]), t1 = _mm256_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+    const VI t2 = _mm256_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]), t3 = _mm256_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+    u[4 * g + 0] = _mm256_unpacklo_epi64(t0, t2);
+    u[4 * g + 1] = _mm256_unpackhi_epi64(t0, t2);
+    u[4 * g + 2] = _mm256_unpacklo_epi64(t1, t3);
+    u[4 * g + 3] = _mm256_unpackhi_epi64(t1, t3);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+  }
+}
+
 QLORA_VEC_INLINE VF vf_zero() { return _mm256_setzero_ps(); }
 QLORA_VEC_INLINE VF vf_set1(float a) { return _mm256_set1_ps(a); }
 QLORA_VEC_INLINE VF vf_load(const float* p) { return _mm256_loadu_ps(p); }
@@ -136,6 +160,10 @@ QLORA_VEC_INLINE VF vf_load(const float* p) { return _mm256_loadu_ps(p); }
 QLORA_VEC_INLINE VF vf_loadn(const float* p, int n) {
   const VI mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return _mm256_maskload_ps(p, mask);
+}
+QLORA_VEC_INLINE void vf_store(float* p, VF a) { _mm256_storeu_ps(p, a); }
+QLORA_VEC_INLINE void vf_storen(float* p, VF a, int n) {
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), a);
 }
 QLORA_VEC_INLINE VF vf_mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 QLORA_VEC_INLINE VF vf_add(VF a, VF b) { return _mm256_add_ps(a, b); }
