@@ -249,9 +249,11 @@ TEST_CASE("int8: every ISA's quantize_q8 equals the scalar one bit for bit") {
 }
 
 TEST_CASE("int8: every ISA's gemm_nf4_q8 is within the summation bound of scalar, for any row split") {
-  // in_features is a multiple of 32 whenever q8_layout_ok holds; the block counts sweep the odd
-  // sizes. Group sizes: whole blocks (32, 64, 128), 96 (3 blocks: superblocks start mid-group)
-  // and 160 with in_features not a multiple of it (groups straddle rows).
+  // Batches reach every path: 1, the batched register path, and the panel path (from 16 rows on
+  // YMM, 24 on AVX-512). in_features is a multiple of 32 whenever q8_layout_ok holds; the block
+  // counts sweep the odd sizes. Group sizes: whole blocks (32, 64, 128), 96 (3 blocks:
+  // superblocks start mid-group) and 160 with in_features not a multiple of it (groups
+  // straddle rows).
   const auto tables = int8_tables(false);
   for (const KernelTable* t : tables) {
     for (int64_t nblocks : {1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 33}) {
@@ -263,7 +265,7 @@ TEST_CASE("int8: every ISA's gemm_nf4_q8 is within the summation bound of scalar
             const Nf4Weight w = l.view(nested);
             REQUIRE(q8_layout_ok(w));
             const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 3);
-            for (int64_t batch : {1, 2, 3, 4, 5, 8, 9, 17}) {
+            for (int64_t batch : {1, 2, 3, 4, 5, 8, 9, 17, 25}) {
               INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs << " nested " << nested
                           << " batch " << batch);
               const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), static_cast<uint32_t>(batch + in));
