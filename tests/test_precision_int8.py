@@ -133,7 +133,7 @@ def test_each_int8_kernel_matches_the_numpy_model(isa, group_size):
             t, deq = _tensor(out_f, in_f, group_size, seed=k, double_quant=dq)
             ci, scales, _ = int8_codes_and_scales(deq, group_size)
             bias = np.random.default_rng(k).standard_normal(out_f).astype(np.float32)
-            for batch in (1, 3, 8, 17):
+            for batch in (1, 3, 8, 17, 33):
                 x = np.random.default_rng(100 + batch).standard_normal((batch, in_f), dtype=np.float32)
                 y = run(t, x, isa=isa, bias=bias if batch % 2 else None)
                 want, mag = int8_model(x, deq, ci, scales)
