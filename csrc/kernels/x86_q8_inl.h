@@ -28,7 +28,9 @@
 // per-position float accumulator; only the order in which the terms of a row are summed (per
 // position over superblocks, then across positions) differs from the scalar loop. That order
 // depends on neither the row range, the row tile nor the batch tile, so results are the same
-// for any thread count and any batch size.
+// for any thread count. Chunks of kQ8PanelMinBatch rows or more take the panel path at the end
+// of this file, which adds the same terms in the scalar order (so a row's last bits may differ
+// between a small and a large batch, as for fp32).
 
 // ---------------------------------------------------------------- quantize_q8
 // quantize_q8_block() of precision.h, vectorized: the same amax (max of |x| ignoring NaN), the
