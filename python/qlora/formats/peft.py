@@ -149,8 +149,8 @@ def _backtracking_risk(key: str) -> tuple[str | None, int]:
     alternation, as in ``(a+)+`` or ``(a|a)*``: the ways to split a string among the
     repetitions multiply. (An optional group, ``(...)?``, is not repeated.) Keys without such
     a group match in polynomial time: up to about ``len(module) ** (q + 1)`` steps for ``q``
-    repeating quantifiers (PEFT's ``(.*\\.)?`` prefix adds one). A scan of the pattern's text: escapes and character
-    classes are skipped, groups are tracked on a stack.
+    repeating quantifiers (PEFT's ``(.*\\.)?`` prefix adds one). A scan of the pattern's
+    text: escapes and character classes are skipped, groups are tracked on a stack.
     """
     stack = [[False, False]]  # per open group: holds a quantifier, holds an alternation
     last_group = None  # the flags of a group that just closed (the atom a quantifier binds)
