@@ -17,7 +17,7 @@ layers (see ``fuzz_corpus.check_layer``). Bugs found and not yet fixed are liste
 run, and each has a minimal reproducer below marked ``xfail(strict=True)``, so the fix makes it
 XPASS (fail) and the entry is removed with it. A summary line per run goes to the terminal:
 
-    fuzz: 11000 cases (...; 10174 reached qlora): 8012 ValueError/OSError, 2082 loaded and
+    fuzz: 11000 cases (...; 10174 reached qlora): 8239 ValueError/OSError, 1935 loaded and
     self-consistent, ..., 0 crashes, 0 hangs, 0 memory, 0 other failures
 
 Reproduce one case: ``PYTHONPATH=python python tests/fuzz_corpus.py run FAMILY SEED 1 -v``.
