@@ -80,6 +80,12 @@ def _child_env(**extra: str) -> dict:
     # One thread each: the child is small, and the machine is shared.
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", QLORA_NUM_THREADS="1",
                PYTHONHASHSEED="0")
+    if fuzz_corpus.asan_loaded():
+        # No RLIMIT_AS under ASan (see fuzz_corpus.child_main): allocations over the child's
+        # budget fail instead, as MemoryError.
+        env["ASAN_OPTIONS"] = (env.get("ASAN_OPTIONS", "") +
+                               f":allocator_may_return_null=1:max_allocation_size_mb="
+                               f"{fuzz_corpus.ADDRESS_SPACE_LIMIT >> 20}").lstrip(":")
     return env
 
 
@@ -259,6 +265,8 @@ _PRELUDE = textwrap.dedent("""
 
     def limit_memory(extra_mib):
         import resource
+        if "libasan" in open("/proc/self/maps").read():
+            return  # ASan's shadow needs the address space; the parent caps allocations
         status = open("/proc/self/status").read().split("VmSize:")[1]
         limit = int(status.split()[0]) * 1024 + (extra_mib << 20)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
