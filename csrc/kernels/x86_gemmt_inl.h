@@ -24,7 +24,7 @@ constexpr int kTPanelCols = 16 * kPanelUnits;
 // Rows ahead that the batch-1 and panel loops prefetch: the rows of a column tile are
 // row_bytes apart, a stride short enough per row (16-128 bytes) that hardware prefetchers
 // do not follow it early enough.
-constexpr int64_t kTAhead = 8;
+constexpr int64_t kTAhead = 16;
 
 // Batch 1, NB blocks (NB * 32 columns from c0, a multiple of 32). Aligned groups take the
 // permuted decode of the forward's batch 1 (lane 4l + p holds column 4p + l of a 16-column
