@@ -155,18 +155,23 @@ void backward(const Nf4Weight& w, const float* x, int64_t batch, const LoraAdapt
   QLORA_REQUIRE(g != nullptr, "backward: null grad_y");
   QLORA_REQUIRE(!want_da || x != nullptr, "backward: the A gradient needs x");
   QLORA_REQUIRE(!want_db || u != nullptr, "backward: the B gradient needs u");
-  const KernelTable& k = active_kernels();
   const DropoutRow drop(dropout, in);
 
-  // G B (batch x rank), needed by the A gradient and the LoRA part of the input gradient.
+  // G B (batch x rank), needed by the A gradient and the LoRA part of the input gradient: for
+  // each row, b's rows are added in ascending o, rank-wide (b is read in its own layout).
   std::vector<float> gb;
   if (rank > 0 && (want_da || grads.dx != nullptr)) {
-    std::vector<float> bt(static_cast<size_t>(rank * out));
-    for (int64_t o = 0; o < out; ++o) {
-      for (int64_t j = 0; j < rank; ++j) bt[static_cast<size_t>(j * out + o)] = lora.b[o * rank + j];
-    }
-    gb.resize(static_cast<size_t>(batch * rank));
-    for_ranges(batch, rank * out, 1, [&](int64_t b0, int64_t b1) { k.lora_down(g, out, bt.data(), rank, b0, b1, gb.data()); });
+    gb.assign(static_cast<size_t>(batch * rank), 0.0f);
+    for_ranges(batch, rank * out, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t r = b0; r < b1; ++r) {
+        float* acc = gb.data() + r * rank;
+        for (int64_t o = 0; o < out; ++o) {
+          const float go = g[r * out + o];
+          const float* bo = lora.b + o * rank;
+          for (int64_t j = 0; j < rank; ++j) acc[j] += go * bo[j];
+        }
+      }
+    });
   }
 
   // dB and dbias: rows of W per task, the batch summed in ascending order.

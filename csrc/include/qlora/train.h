@@ -65,7 +65,7 @@ struct LoraGrads {
 
 // The gradients for upstream gradient g (batch x out_features), given the forward's input x,
 // its u and the same dropout (seed and p). Arithmetic, each sum in the order written:
-//   gb[r, k]   = dot(g[r, :], b[:, k])   (G B in float32, by the active ISA's lora_down)
+//   gb[r, k]   = sum over o ascending of g[r, o] * b[o, k]            (G B, float32)
 //   db[o, k]   = s * (sum over r ascending of g[r, o] * u[r, k])
 //   da[k, c]   = s * (sum over r ascending of gb[r, k] * x~[r, c])
 //   dx[r, c]   = gemm_nf4t(g)[r, c] + (s * m[r, c]) * (sum over k ascending of gb[r, k] * a[k, c])
