@@ -29,8 +29,9 @@ constexpr int64_t kTAhead = 16;
 // Batch 1, NB blocks (NB * 32 columns from c0, a multiple of 32). Aligned groups take the
 // permuted decode of the forward's batch 1 (lane 4l + p holds column 4p + l of a 16-column
 // half, a 4x4 transpose that gemv_x() undoes on the way out); other layouts decode in column
-// order and scale lane by lane.
-template <int NB, bool kAligned>
+// order and scale lane by lane. BPG (aligned groups of 64 or 128 columns: 2 or 4) blocks share
+// one broadcast of g times their scale; 1 otherwise.
+template <int NB, bool kAligned, int BPG>
 void gemvt_tile(const TransposedArgs& p, const Nf4Table& tab, int64_t c0, int64_t c1) {
   const Nf4Weight& w = p.w;
   const int64_t in = w.in_features, out = w.out_features, row_bytes = packed_row_bytes(in);
@@ -46,20 +47,27 @@ void gemvt_tile(const TransposedArgs& p, const Nf4Table& tab, int64_t c0, int64_
       for (int l = 0; l < NB * kBlockBytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
     }
     const float go = p.g[o];
-    for (int j = 0; j < NB; ++j) {
-      F32x16 d0, d1, s0, s1;
-      if constexpr (kAligned) {
-        decode_block_gemv(tab, src + j * kBlockBytes, d0, d1);
-        s0 = s1 = f_set1(go * group_scale(w, o * gpr + gk[j]));
-      } else {
-        decode_block(tab, src + j * kBlockBytes, d0, d1);
-        const int64_t c = c0 + j * kBlockCols;
-        const int n0 = static_cast<int>(imax(0, imin(16, in - c)));
-        const int n1 = static_cast<int>(imax(0, imin(16, in - c - 16)));
-        const F32x16 gv = f_set1(go);
-        s0 = n0 > 0 ? f_mul(gv, lane_scales(w, o, c, n0)) : f_zero();
-        s1 = n1 > 0 ? f_mul(gv, lane_scales(w, o, c + 16, n1)) : f_zero();
+    if constexpr (kAligned) {
+      for (int j0 = 0; j0 < NB; j0 += BPG) {
+        const F32x16 gs = f_set1(go * group_scale(w, o * gpr + gk[j0]));
+        for (int j = j0; j < j0 + BPG; ++j) {
+          F32x16 d0, d1;
+          decode_block_gemv(tab, src + j * kBlockBytes, d0, d1);
+          acc[2 * j] = f_fma(d0, gs, acc[2 * j]);
+          acc[2 * j + 1] = f_fma(d1, gs, acc[2 * j + 1]);
+        }
       }
+      continue;
+    }
+    const F32x16 gv = f_set1(go);
+    for (int j = 0; j < NB; ++j) {
+      F32x16 d0, d1;
+      decode_block(tab, src + j * kBlockBytes, d0, d1);
+      const int64_t c = c0 + j * kBlockCols;
+      const int n0 = static_cast<int>(imax(0, imin(16, in - c)));
+      const int n1 = static_cast<int>(imax(0, imin(16, in - c - 16)));
+      const F32x16 s0 = n0 > 0 ? f_mul(gv, lane_scales(w, o, c, n0)) : f_zero();
+      const F32x16 s1 = n1 > 0 ? f_mul(gv, lane_scales(w, o, c + 16, n1)) : f_zero();
       acc[2 * j] = f_fma(d0, s0, acc[2 * j]);
       acc[2 * j + 1] = f_fma(d1, s1, acc[2 * j + 1]);
     }
@@ -78,20 +86,24 @@ void gemvt_tile(const TransposedArgs& p, const Nf4Table& tab, int64_t c0, int64_
   }
 }
 
-template <int NB, bool kAligned>
+// Tiles of nb blocks, nb a multiple of BPG (tiles start on a multiple of kGemmTColBlock, and
+// with aligned groups every row ends on a group boundary).
+template <int NB, bool kAligned, int BPG>
 void gemvt_tile_n(int nb, const TransposedArgs& p, const Nf4Table& tab, int64_t c0, int64_t c1) {
   if constexpr (NB > 0) {
-    if (nb == NB) return gemvt_tile<NB, kAligned>(p, tab, c0, c1);
-    gemvt_tile_n<NB - 1, kAligned>(nb, p, tab, c0, c1);
+    if constexpr (NB % BPG == 0) {
+      if (nb == NB) return gemvt_tile<NB, kAligned, BPG>(p, tab, c0, c1);
+    }
+    gemvt_tile_n<NB - 1, kAligned, BPG>(nb, p, tab, c0, c1);
   }
 }
 
-template <bool kAligned>
+template <bool kAligned, int BPG>
 void gemvt(const TransposedArgs& p, const Nf4Table& tab, int64_t col_begin, int64_t col_end) {
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kTGemvCols) {
     const int64_t c1 = imin(col_end, c0 + kTGemvCols);
     const int nb = static_cast<int>((c1 - c0 + kBlockCols - 1) / kBlockCols);
-    gemvt_tile_n<kTGemvUnits / 2, kAligned>(nb, p, tab, c0, c1);
+    gemvt_tile_n<kTGemvUnits / 2, kAligned, BPG>(nb, p, tab, c0, c1);
   }
 }
 
@@ -210,6 +222,10 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
   if (col_end <= col_begin || p.batch <= 0) return;
   const Nf4Table tab = make_table();
   if (p.batch > 1) return gemmt(p, tab, col_begin, col_end);
-  if (aligned_groups(p.w)) return gemvt<true>(p, tab, col_begin, col_end);
-  gemvt<false>(p, tab, col_begin, col_end);
+  if (!aligned_groups(p.w)) return gemvt<false, 1>(p, tab, col_begin, col_end);
+  switch (p.w.group_size) {
+    case 64: return gemvt<true, 2>(p, tab, col_begin, col_end);
+    case 128: return gemvt<true, 4>(p, tab, col_begin, col_end);
+    default: return gemvt<true, 1>(p, tab, col_begin, col_end);
+  }
 }
