@@ -73,14 +73,12 @@ class DropoutRow {
   int64_t in_;
 };
 
-void check_common(const Nf4Weight& w, const float* x_or_null, int64_t batch, const LoraAdapter& lora,
-                  const Dropout& d) {
+void check_common(const Nf4Weight& w, int64_t batch, const LoraAdapter& lora, const Dropout& d) {
   validate_weight(w);
   QLORA_REQUIRE(batch >= 0, "batch must be >= 0, got " + std::to_string(batch));
   QLORA_REQUIRE(lora.rank >= 0, "rank must be >= 0, got " + std::to_string(lora.rank));
   QLORA_REQUIRE(lora.rank == 0 || (lora.a != nullptr && lora.b != nullptr), "rank > 0 needs lora_a and lora_b");
   QLORA_REQUIRE(d.p >= 0.0f && d.p < 1.0f, "dropout must be in [0, 1), got " + std::to_string(d.p));
-  (void)x_or_null;
   checked_mul(batch, w.in_features, "batch * in_features");
   checked_mul(batch, w.out_features, "batch * out_features");
   checked_mul(lora.rank, std::max(w.in_features, w.out_features), "rank * features");
@@ -118,7 +116,7 @@ void dropout_mask(const Dropout& d, int64_t batch, int64_t in_features, uint8_t*
 
 void forward_train(const Nf4Weight& w, const float* x, int64_t batch, const LoraAdapter& lora, const float* bias,
                    const Dropout& dropout, float* y, float* u, const ForwardOptions& opts) {
-  check_common(w, x, batch, lora, dropout);
+  check_common(w, batch, lora, dropout);
   if (batch == 0) return;
   QLORA_REQUIRE(x != nullptr && y != nullptr, "forward_train: null x or y");
   QLORA_REQUIRE(lora.rank == 0 || u != nullptr, "forward_train: rank > 0 needs u");
@@ -141,7 +139,7 @@ void forward_train(const Nf4Weight& w, const float* x, int64_t batch, const Lora
 
 void backward(const Nf4Weight& w, const float* x, int64_t batch, const LoraAdapter& lora, const Dropout& dropout,
               const float* u, const float* g, const LoraGrads& grads) {
-  check_common(w, x, batch, lora, dropout);
+  check_common(w, batch, lora, dropout);
   const int64_t in = w.in_features, out = w.out_features, rank = lora.rank;
   const float s = lora.scaling;
   const bool want_da = grads.da != nullptr && rank > 0, want_db = grads.db != nullptr && rank > 0;

@@ -21,9 +21,9 @@ constexpr int64_t kGemmTColBlock = kTGemvCols;
 // the forward's), row-major as the codes already are, and a kMaxMr x kTPanelCols register tile
 // of dx walks down it.
 constexpr int kTPanelCols = 16 * kPanelUnits;
-// Rows ahead that the batch-1 and panel loops prefetch: the rows of a column tile are
-// row_bytes apart, a stride short enough per row (16-128 bytes) that hardware prefetchers
-// do not follow it early enough.
+// Rows ahead that the batch-1 and panel loops prefetch: a column tile reads 16-128 bytes per
+// row, rows row_bytes apart (a page or more in wide layers, where hardware prefetchers stop).
+// 8, 16 and 32 rows measured the same on this machine's Zen 4.
 constexpr int64_t kTAhead = 16;
 
 // Batch 1, NB blocks (NB * 32 columns from c0, a multiple of 32). Aligned groups take the

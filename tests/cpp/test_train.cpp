@@ -439,13 +439,28 @@ TEST_CASE("dropout: the documented counter-based hash, rates, rows independent o
   REQUIRE_THROWS_AS(dropout_mask({-0.1f, 0}, 1, 1, nullptr), std::invalid_argument);
 }
 
-TEST_CASE("forward_train without dropout equals forward bit for bit, and u is x A^T") {
+TEST_CASE("forward_train without dropout equals forward bit for bit in every precision, and u is x A^T") {
   IsaGuard guard;
   for (const KernelTable* t : qlora_test::runnable_tables()) {
     set_active_isa(t->name);
     for (int64_t batch : {1, 3, 40}) {
-      INFO("isa " << t->name << " batch " << batch);
-      Problem pr(33, 129, 64, 5, batch, 0.0f, true);
+      for (Precision prec : {Precision::kFp32, Precision::kBf16, Precision::kInt8}) {
+        INFO("isa " << t->name << " batch " << batch << " precision " << precision_name(prec));
+        const Problem pr(33, 128, 64, 5, batch, 0.0f, true);
+        ForwardOptions opts;
+        opts.precision = prec;
+        std::vector<float> y(static_cast<size_t>(batch * pr.out)), y_ref(y.size()), u(static_cast<size_t>(batch * pr.rank));
+        forward_train(pr.layer.view(false), pr.x.data(), batch, pr.lora(), pr.bias.data(), pr.dropout(), y.data(),
+                      u.data(), opts);
+        LoraSegment seg;
+        seg.a = pr.a.data();
+        seg.b = pr.b.data();
+        seg.rank = pr.rank;
+        seg.scaling = pr.scaling;
+        forward(pr.layer.view(false), pr.x.data(), batch, &seg, 1, pr.bias.data(), y_ref.data(), opts);
+        REQUIRE(y == y_ref);
+      }
+      const Problem pr(33, 129, 64, 5, batch, 0.0f, true);
       std::vector<float> y(static_cast<size_t>(batch * pr.out)), y_ref(y.size()), u(static_cast<size_t>(batch * pr.rank));
       forward_train(pr.layer.view(false), pr.x.data(), batch, pr.lora(), pr.bias.data(), pr.dropout(), y.data(), u.data());
       forward(pr.layer.view(false), pr.x.data(), batch, pr.a.data(), pr.b.data(), pr.rank, pr.scaling, pr.bias.data(),
