@@ -223,9 +223,11 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
   const Nf4Table tab = make_table();
   if (p.batch > 1) return gemmt(p, tab, col_begin, col_end);
   if (!aligned_groups(p.w)) return gemvt<false, 1>(p, tab, col_begin, col_end);
+  // A group wider than the tile covers all of it (tiles start on multiples of their width).
+  constexpr int kTileBlocks = kTGemvUnits / 2;
   switch (p.w.group_size) {
-    case 64: return gemvt<true, 2>(p, tab, col_begin, col_end);
-    case 128: return gemvt<true, 4>(p, tab, col_begin, col_end);
+    case 64: return gemvt<true, kTileBlocks < 2 ? kTileBlocks : 2>(p, tab, col_begin, col_end);
+    case 128: return gemvt<true, kTileBlocks < 4 ? kTileBlocks : 4>(p, tab, col_begin, col_end);
     default: return gemvt<true, 1>(p, tab, col_begin, col_end);
   }
 }

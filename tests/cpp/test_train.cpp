@@ -156,10 +156,12 @@ TEST_CASE("gemm_nf4t_f32 of every ISA is within the float64 bound and near scala
 
 TEST_CASE("gemm_nf4t_f32 gives the same bits for any column split; many rows and columns") {
   // Shapes past one 512-row chunk of the batched panel and past one batch-1 column tile, with
-  // groups that straddle rows (100 with 1100 columns), block-aligned groups, and a column tail.
+  // groups that straddle rows (100 with 1100 columns), block-aligned groups of 64 to 256 columns
+  // (wider than the AVX2 batch-1 tile at 128 and 256), and a column tail.
   auto shape = GENERATE(std::vector<int64_t>{600, 1100, 100}, std::vector<int64_t>{530, 1024, 64},
                         std::vector<int64_t>{77, 576, 128}, std::vector<int64_t>{40, 4096, 64},
-                        std::vector<int64_t>{130, 1000, 64});
+                        std::vector<int64_t>{130, 1000, 64}, std::vector<int64_t>{33, 1024, 128},
+                        std::vector<int64_t>{20, 768, 256});
   const int64_t out = shape[0], in = shape[1], gs = shape[2];
   const Layer l = make_layer(out, in, gs);
   for (bool nested : {false, true}) {
