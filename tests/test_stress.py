@@ -285,6 +285,17 @@ def _mappings() -> int:
         return sum(1 for _ in f)
 
 
+def _asan_loaded() -> bool:
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
+
+
+# AddressSanitizer holds freed memory in its quarantine and maps shadow pages as the heap
+# moves, so RSS grows by design there; the plain pytest run makes these checks.
+_no_asan = pytest.mark.skipif(_asan_loaded(), reason="RSS is not a leak signal under ASan")
+
+
+@_no_asan
 def test_rss_flat_over_100k_small_calls(restore_threads):
     """100,000 small calls (forwards of several shapes, into new and reused buffers,
     adapter and bias swaps, dequantize, and error paths that raise) leak nothing."""
@@ -341,6 +352,7 @@ def test_rss_flat_over_100k_small_calls(restore_threads):
     assert after - before < RSS_SLACK, (before, middle, after)
 
 
+@_no_asan
 def test_loading_files_leaks_no_fds_mappings_or_memory(tmp_path):
     """Loading (mmap on and off, single and multi-layer, bitsandbytes, PEFT) and dropping the
     layers 2,000 times returns every file descriptor and mapping, and RSS stays flat."""
