@@ -42,7 +42,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import _core
-from .._state import Adapter, AdapterSet, LayerState, Nf4Weight, make_state
+from .._state import Adapter, AdapterSet, LayerState, Nf4Weight, frozen, make_state
 from .._validate import check_f32_range
 from .safetensors import SafetensorsFile, no_duplicates, write_safetensors
 
@@ -267,7 +267,8 @@ class _Reader:
                 if any(k in self.st.tensors for k in keys):
                     raise self.fail(f"tensor {keys[0]!r}", "is present but the adapter has "
                                     "rank 0")
-                a, b = np.zeros((0, in_f), np.float32), np.zeros((out_f, 0), np.float32)
+                a = frozen(np.zeros((0, in_f), np.float32))
+                b = frozen(np.zeros((out_f, 0), np.float32))
             items[ad_name] = (slot, Adapter(a, b, scaling))
         next_slot = self.meta_int(name, info, "next_slot", 1, 1 << 62)
         return AdapterSet(items, next_slot)
