@@ -330,3 +330,20 @@ def test_per_row_adapters_need_2d_x():
 def test_public_names():
     for name in ("AdapterInfo", "add_peft_adapter", "remove_peft_adapter"):
         assert name in qlora.__all__ and hasattr(qlora, name)
+
+
+def test_bench_adapters_smoke(tmp_path, capsys):
+    # The command runs and reports every case; no speed is asserted.
+    import json
+
+    from qlora.cli.main import main
+
+    path = tmp_path / "b.json"
+    assert main(["bench", "--adapters", "1,2", "--shape", "32x64", "--batch", "4",
+                 "--min-reps", "1", "--min-time", "0", "--json", str(path)]) == 0
+    figures = json.loads(path.read_text())["serving_adapters"]
+    cases = [(r["adapters"], r["ranks"]) for r in figures["adapters"]]
+    assert cases == [(1, "16"), (2, "16"), (2, "8..64")]
+    assert all(r["mixed_ms"] > 0 and r["split_ms"] > 0 for r in figures["adapters"])
+    assert "split differs" not in capsys.readouterr().out
+    assert figures["add_remove"][0]["adapter_bytes"] == 4 * 16 * (32 + 64)

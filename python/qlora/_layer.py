@@ -167,13 +167,10 @@ class QLoraLinear(AdapterMethods):
             for int8, the layer's groups do not hold whole 32-column blocks) the call runs
             in fp32; :func:`qlora.kernel_info` says which kernel serves what.
         adapters : str, int, sequence or 1-D integer ndarray, optional
-            The adapter each row uses instead of the default one: for a 2-D ``x``, one entry
-            per row, each a name, a slot (:attr:`adapters`), ``"default"``/0 (the default
-            adapter) or None/-1 (the base only); or one name or slot for every row (any
-            ``x``). Rows may be in any order; the base product runs once for the batch.
+            Per row of a 2-D ``x``: a name, a slot, ``"default"``/0 or None/-1 (base only);
+            or one name or slot for all rows. See README "Serving many adapters".
         adapter_scales : float or array_like (batch,), optional
-            Per-row multipliers of the chosen adapter's scaling (finite; each product a normal
-            float32 number or 0).
+            Per-row multipliers of the chosen adapter's scaling (finite).
 
         Returns
         -------
