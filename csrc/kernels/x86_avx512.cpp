@@ -176,6 +176,7 @@ QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
 }
 
 #include "x86_kernels_inl.h"
+#include "x86_lora_inl.h"
 
 #undef QLORA_VEC_INLINE
 
@@ -203,6 +204,7 @@ KernelTable make_kernel_table() {
   t.quantize_rows = quantize_rows;
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
+  t.lora_up = lora_up;
   t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
   return t;
 }

@@ -135,37 +135,6 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
   }
 }
 
-// Four rows of A per pass share each load of x: a lone dot product is bound by its two loads
-// per FMA. Each output is still one fixed-order sum, whatever the batch range.
-void dot4(const float* x, const float* a, int64_t n, float* out) {
-  F32x16 acc[4][2];
-  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = f_zero();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const F32x16 x0 = f_load(x + i), x1 = f_load(x + i + 16);
-    for (int j = 0; j < 4; ++j) {
-      acc[j][0] = f_fma(x0, f_load(a + j * n + i), acc[j][0]);
-      acc[j][1] = f_fma(x1, f_load(a + j * n + i + 16), acc[j][1]);
-    }
-  }
-  for (; i < n; i += 16) {
-    const int m = static_cast<int>(imin(16, n - i));
-    const F32x16 xt = f_loadn(x + i, m);
-    for (int j = 0; j < 4; ++j) acc[j][0] = f_fma(xt, f_loadn(a + j * n + i, m), acc[j][0]);
-  }
-  for (int j = 0; j < 4; ++j) out[j] = f_reduce_add(f_add(acc[j][0], acc[j][1]));
-}
-
-void lora_down(const float* x, int64_t in_features, const float* a, int64_t rank, int64_t b_begin,
-               int64_t b_end, float* xa) {
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    const float* xb = x + b * in_features;
-    int64_t k = 0;
-    for (; k + 4 <= rank; k += 4) dot4(xb, a + k * in_features, in_features, xa + b * rank + k);
-    for (; k < rank; ++k) xa[b * rank + k] = dot(xb, a + k * in_features, in_features);
-  }
-}
-
 // acc + scaling * (xa[b] . B[o]) + bias[o], in the scalar specification's order.
 float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
   if (p.rank > 0) acc += p.scaling * dot(p.xa + b * p.rank, p.lora_b + o * p.rank, p.rank);
