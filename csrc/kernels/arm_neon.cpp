@@ -566,6 +566,72 @@ void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
+// lora_up, bit-identical to the scalar specification: 16 outputs per step as four vectors, each
+// lane the scalar arithmetic of its output (rounded products u[j, k] * B[o, k] added over k in
+// increasing order, then times the row's scale, then added to y; the build forbids FMA
+// contraction, so vmulq/vaddq round as the scalar code does). B's 16 rows of a block are copied
+// k-major into scratch once and shared by every listed row, kLoraRows rows at a time:
+// 4 rows x 4 accumulators and the 4 B vectors fit the 32 registers.
+constexpr int kLoraRows = 4;
+
+template <int NR>
+void lora_up_block(const float* u, int64_t rank, const float* bt, const float* scale, float* const* yrow, int n) {
+  float32x4_t acc[NR][4];
+  for (int i = 0; i < NR; ++i) {
+    for (int q = 0; q < 4; ++q) acc[i][q] = vdupq_n_f32(0.0f);
+  }
+  for (int64_t k = 0; k < rank; ++k) {
+    float32x4_t bk[4];
+    for (int q = 0; q < 4; ++q) bk[q] = vld1q_f32(bt + k * 16 + 4 * q);
+    for (int i = 0; i < NR; ++i) {
+      const float32x4_t uk = vdupq_n_f32(u[i * rank + k]);
+      for (int q = 0; q < 4; ++q) acc[i][q] = vaddq_f32(acc[i][q], vmulq_f32(uk, bk[q]));
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    const float32x4_t s = vdupq_n_f32(scale[i]);
+    if (n == 16) {
+      for (int q = 0; q < 4; ++q) vst1q_f32(yrow[i] + 4 * q, vaddq_f32(vld1q_f32(yrow[i] + 4 * q), vmulq_f32(s, acc[i][q])));
+    } else {
+      alignas(16) float t[16];
+      for (int q = 0; q < 4; ++q) vst1q_f32(t + 4 * q, vmulq_f32(s, acc[i][q]));
+      for (int l = 0; l < n; ++l) yrow[i][l] += t[l];
+    }
+  }
+}
+
+void lora_up(const float* u, int64_t rank, const float* b, float scaling, const float* row_scale,
+             const int64_t* rows, int64_t n_rows, int64_t out_features, int64_t o_begin, int64_t o_end,
+             float* y) {
+  if (n_rows <= 0 || o_end <= o_begin) return;
+  thread_local std::vector<float> bt_buf;
+  bt_buf.resize(static_cast<size_t>(std::max<int64_t>(rank, 1) * 16));
+  float* bt = bt_buf.data();
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, o_end - o0));
+    for (int64_t k = 0; k < rank; ++k) {
+      for (int l = 0; l < 16; ++l) bt[k * 16 + l] = l < n ? b[(o0 + l) * rank + k] : 0.0f;
+    }
+    for (int64_t j = 0; j < n_rows; j += kLoraRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kLoraRows, n_rows - j));
+      float* yrow[kLoraRows];
+      float scale[kLoraRows];
+      for (int i = 0; i < nr; ++i) {
+        const int64_t r = rows != nullptr ? rows[j + i] : j + i;
+        yrow[i] = y + r * out_features + o0;
+        scale[i] = row_scale != nullptr ? row_scale[j + i] : scaling;
+      }
+      const float* uj = u + j * rank;
+      switch (nr) {
+        case 1: lora_up_block<1>(uj, rank, bt, scale, yrow, n); break;
+        case 2: lora_up_block<2>(uj, rank, bt, scale, yrow, n); break;
+        case 3: lora_up_block<3>(uj, rank, bt, scale, yrow, n); break;
+        default: lora_up_block<kLoraRows>(uj, rank, bt, scale, yrow, n); break;
+      }
+    }
+  }
+}
+
 KernelTable make_kernel_table() {
   KernelTable t;
   t.name = "neon";
@@ -574,6 +640,7 @@ KernelTable make_kernel_table() {
   t.quantize_rows = quantize_rows;
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
+  t.lora_up = lora_up;
   t.gemm_nf4_f32 = {forward_rows, kTileRows, 1};
   return t;
 }
