@@ -215,7 +215,6 @@ void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0
     for (int r = 0; r < R; ++r) s[r] = f_set1(group_scale(w, (o + r) * gpr + g));
     for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
       for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + blk * (R * kBlockBytes) + l, _MM_HINT_T0);
-      const float* xb = x + blk * kBlockCols;
       if constexpr (R == 1) {
         // One row: each x vector is used once, so it stays a memory operand of its FMA rather
         // than a register (AVX2's 16 YMM hold the 8 accumulators and the decoded block).
@@ -223,12 +222,13 @@ void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0
         decode_block(tab, rows[0] + blk * kBlockBytes, d0, d1);
         d0 = f_mul(d0, s[0]);
         d1 = f_mul(d1, s[0]);
+        const float* xb = x + blk * kBlockCols;
         for (int b = 0; b < NB; ++b) acc[0][b] = f_fma(f_load(xb + b * in + 16), d1, f_fma(f_load(xb + b * in), d0, acc[0][b]));
       } else {
         F32x16 x0[NB], x1[NB];
         for (int b = 0; b < NB; ++b) {
-          x0[b] = f_load(xb + b * in);
-          x1[b] = f_load(xb + b * in + 16);
+          x0[b] = f_load(x + b * in + blk * kBlockCols);
+          x1[b] = f_load(x + b * in + blk * kBlockCols + 16);
         }
         for (int r = 0; r < R; ++r) {
           F32x16 d0, d1;
