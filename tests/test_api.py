@@ -47,7 +47,10 @@ def test_properties(out_f, in_f, rank, alpha, group_size):
 def test_public_names():
     assert set(qlora.__all__) >= {"QLoraLinear", "__version__", "active_isa", "available_isas",
                                   "get_num_threads", "set_num_threads"}
-    assert qlora.__version__ == importlib.metadata.version("qlora")
+    # The distribution is "qlora-cpu" ("qlora" on PyPI is another project); the import is qlora.
+    assert qlora.__version__ == importlib.metadata.version("qlora-cpu")
+    assert importlib.metadata.distribution("qlora-cpu").entry_points.select(
+        group="console_scripts", name="qlora")
     assert qlora.active_isa() in qlora.available_isas()
     assert "scalar" in qlora.available_isas()
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from qlora import QLoraLinear
-from qlora._bnb import NF4_CODEBOOK, create_dynamic_map
+from qlora._state import NF4_CODEBOOK, create_dynamic_map
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
@@ -207,25 +207,6 @@ def test_bnb_forward_of_exported_state_matches():
     # <= 2**-9); over 128 products that leaves ~3e-3 relative output error, so 1e-2 is the
     # bound. A wrong export (transposed or misordered codes, wrong scales) is off by O(1).
     assert np.linalg.norm(y - y_bnb) / np.linalg.norm(y_bnb) < 1e-2
-
-
-@pytest.mark.parametrize("compress", [False, True])
-def test_round_trip_exact(compress):
-    rng = np.random.default_rng(2)
-    layer = QLoraLinear.from_weight(rng.standard_normal((37, 90)), group_size=128,
-                                    bias=np.arange(37.0), double_quant=compress)
-    back = QLoraLinear.from_bnb(layer.to_bnb("p."), "p.")
-    assert _same_bits(back.dequantize_weight(), layer.dequantize_weight())
-    assert _same_bits(back.scale, layer.scale)
-    np.testing.assert_array_equal(back._w.codes, layer._w.codes)
-    np.testing.assert_array_equal(back.bias, layer.bias)
-    np.testing.assert_array_equal(back.to_bnb()["weight.absmax"], layer.to_bnb()["weight.absmax"])
-
-
-def test_to_bnb_rejects_group_sizes_bnb_lacks():
-    layer = QLoraLinear.from_weight(np.ones((4, 50)), rank=1, group_size=50)
-    with pytest.raises(ValueError, match="group_size 50"):
-        layer.to_bnb()
 
 
 def test_fp4_rejected():

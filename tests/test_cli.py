@@ -91,7 +91,7 @@ def test_demo_weights_file(tmp_path):
     (["demo", "--shape", "8x8", "--rank", "0"], "rank"),
     (["demo", "--shape", "8x8", "--rank", "9"], "rank"),
     (["demo", "--shape", "8x8", "--rank", "two"], "rank"),
-    (["demo", "--shape", "32x32", "--group-size", "0"], "group_size"),
+    (["demo", "--shape", "32x32", "--group-size", "0"], "--group-size"),
     (["demo", "--shape", "32x32", "--alpha", "-1"], "alpha"),
     (["demo", "--weights", "/nonexistent/w.npy"], "w.npy"),
     (["demo", "--bogus"], "--bogus"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qlora import QLoraLinear, _core
-from qlora._bnb import DYNAMIC_MAP, NF4_CODEBOOK, double_quantize
+from qlora._state import DYNAMIC_MAP, NF4_CODEBOOK, double_quantize
 
 
 def _weight(shape, seed=0):
@@ -34,14 +34,14 @@ def test_layout_and_decoding(shape, group_size):
     w = _weight(shape)
     plain = QLoraLinear.from_weight(w, rank=1, group_size=group_size)
     dq = QLoraLinear.from_weight(w, rank=1, group_size=group_size, double_quant=True)
-    parts = dq._w
+    parts = dq._state.weight
     g = plain.num_groups
     assert parts.scales is None and parts.qscales.dtype == np.uint8 and parts.qscales.shape == (g,)
     assert parts.nested_scales.dtype == np.float32
     assert parts.nested_scales.shape == ((g + 255) // 256,)
     np.testing.assert_array_equal(_bits(parts.nested_map), _bits(DYNAMIC_MAP))
     # Codes are the same as without double quantization (quantized with the exact absmax).
-    np.testing.assert_array_equal(parts.codes, plain._w.codes)
+    np.testing.assert_array_equal(parts.codes, plain._state.weight.codes)
     # offset = mean(absmax) in float32; nested = absmax of the centred scales per 256.
     absmax = plain.scale
     assert np.float32(parts.nested_offset) == np.float32(absmax.astype(np.float64).mean())

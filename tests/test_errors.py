@@ -132,7 +132,7 @@ def test_other_real_dtypes_and_layouts_match_float32(convert):
     bias = rng.integers(0, 9, 6)
     base = QLoraLinear.from_weight(w32, rank=2, group_size=32, bias=bias.astype(np.float32))
     other = QLoraLinear.from_weight(convert(w32), rank=2, group_size=32, bias=convert(bias))
-    np.testing.assert_array_equal(other._w.codes, base._w.codes)
+    np.testing.assert_array_equal(other._state.weight.codes, base._state.weight.codes)
     np.testing.assert_array_equal(other.scale, base.scale)
     np.testing.assert_array_equal(other.lora_a, base.lora_a)
     np.testing.assert_array_equal(other(X[:, :8].repeat(5, axis=1)),
@@ -330,7 +330,7 @@ def test_core_tensor_refuses_other_dtypes():
 
 
 def core_args(layer, **over):
-    args = dict(tensor=layer._tensor, x=X.copy(), lora_a=layer.lora_a, lora_b=layer.lora_b,
+    args = dict(tensor=layer._state.tensor, x=X.copy(), lora_a=layer.lora_a, lora_b=layer.lora_b,
                 scaling=layer.scaling, bias=layer.bias, out=np.zeros((3, 4), np.float32))
     args.update(over)
     return args

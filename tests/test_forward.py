@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 import reference as ref
+import qlora
 from conftest import ISAS, SIMD_ISAS, use_isa
-from qlora import QLoraLinear
+from qlora import QLoraLinear, _core
 
 
 # The float32 weight each layer was built from, so the reference can quantize it itself
@@ -217,7 +218,7 @@ def test_simd_matches_scalar(simd, group_size):
         s, v = results["scalar"], results[simd]
         # Codes, scales and dequantized weights are bit-identical (the kernels.h contract) ...
         np.testing.assert_array_equal(s.scale.view(np.uint32), v.scale.view(np.uint32))
-        np.testing.assert_array_equal(s._w.codes, v._w.codes)
+        np.testing.assert_array_equal(s._state.weight.codes, v._state.weight.codes)
         with use_isa(simd):
             deq_v = v.dequantize_weight()
         np.testing.assert_array_equal(s.dequantize_weight().view(np.uint32), deq_v.view(np.uint32))
@@ -239,26 +240,98 @@ def unaligned(a):
     return u
 
 
-def test_unaligned_and_byte_swapped_arrays(isa):
-    # Misaligned float32 buffers reach the kernels as they are (no copy is made for them):
-    # SIMD code must use unaligned loads/stores. Byte-swapped arrays are converted.
+class _AlignedOnly:
+    """Wraps a core function and fails if any array argument is misaligned."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        for i, arg in enumerate(args):
+            if isinstance(arg, np.ndarray):
+                assert arg.flags.aligned, f"argument {i} reached the core misaligned"
+        return self.fn(*args)
+
+
+@pytest.fixture
+def aligned_core(monkeypatch):
+    """The core's array-taking entry points, guarded: no misaligned array may reach them."""
+    spies = {}
+    for name in ("forward", "quantize_nf4", "dequantize_nf4"):
+        spies[name] = _AlignedOnly(getattr(_core, name))
+        monkeypatch.setattr(_core, name, spies[name])
+    return spies
+
+
+def test_unaligned_and_byte_swapped_arrays(isa, aligned_core):
+    # A float32 view at an odd byte offset is C-contiguous but misaligned: it is copied at the
+    # Python boundary like any other layout the core does not take, so the core only ever
+    # reads aligned float*; the results equal the aligned ones. Byte-swapped arrays are
+    # converted.
     rng = np.random.default_rng(8)
     w = rng.standard_normal((40, 70)).astype(np.float32)
     x = rng.standard_normal((5, 70)).astype(np.float32)
-    layer = build(w, rank=2, group_size=16)
+    bias = rng.standard_normal(40).astype(np.float32)
+    a = rng.standard_normal((2, 70)).astype(np.float32)
+    b = rng.standard_normal((40, 2)).astype(np.float32)
+    layer = build(w, rank=2, group_size=16, bias=bias)
+    layer.set_lora(a, b, scaling=0.5)
     y = layer(x)
     assert_close(y, x, layer)
     np.testing.assert_array_equal(layer(unaligned(x)), y)
+    np.testing.assert_array_equal(layer(unaligned(x[0])), layer(x[0]))  # batch 1 sums apart
+    buf = np.zeros(x.nbytes + 1, np.uint8)
+    buf[1:] = x.view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(layer(np.frombuffer(buf, np.float32, offset=1).reshape(5, 70)),
+                                  y)
     np.testing.assert_array_equal(layer(x.astype(">f4")), y)
-    out = unaligned(np.zeros((5, 40), np.float32))
-    assert layer(x, out=out) is out
-    np.testing.assert_array_equal(out, y)
     for other in (unaligned(w), w.astype(">f4")):
-        twin = QLoraLinear.from_weight(other, rank=2, group_size=16)
-        np.testing.assert_array_equal(twin._w.codes, layer._w.codes)
+        twin = QLoraLinear.from_weight(other, rank=2, group_size=16, bias=unaligned(bias))
+        np.testing.assert_array_equal(twin._state.weight.codes, layer._state.weight.codes)
         np.testing.assert_array_equal(twin.scale, layer.scale)
+        twin.set_lora(unaligned(a), unaligned(b), scaling=0.5)
+        np.testing.assert_array_equal(twin(x), y)
+        twin.set_lora_a(unaligned(a))
+        twin.set_lora_b(unaligned(b))
+        twin.set_bias(unaligned(bias))
+        np.testing.assert_array_equal(twin(unaligned(x)), y)
+    assert aligned_core["forward"].calls >= 8 and aligned_core["quantize_nf4"].calls >= 3
+
+
+def test_misaligned_out_is_refused(aligned_core):
+    rng = np.random.default_rng(8)
+    layer = build(rng.standard_normal((40, 70)), rank=2, group_size=16)
+    x = rng.standard_normal((5, 70)).astype(np.float32)
+    y = layer(x)
+    out = unaligned(np.full((5, 40), 7.0, np.float32))
+    with pytest.raises(ValueError, match="out must be aligned"):
+        layer(x, out=out)
+    np.testing.assert_array_equal(out, 7.0)  # untouched
     deq = unaligned(np.zeros((40, 70), np.float32))
-    layer.dequantize_weight(out=deq)
-    np.testing.assert_array_equal(deq, layer.dequantize_weight())
+    with pytest.raises(ValueError, match="out must be aligned"):
+        layer.dequantize_weight(out=deq)
+    np.testing.assert_array_equal(layer(x), y)
     with pytest.raises(TypeError, match="out"):
         layer(x, out=np.zeros((5, 40), ">f4"))
+
+
+@pytest.mark.parametrize("group_size", [64, 48])
+def test_results_depend_on_the_chunk_size_as_the_readme_says(isa, group_size, restore_threads):
+    # README "Determinism": a call is cut into 256-row chunks and each chunk's size picks the
+    # kernel (1 row: batch-1; 2-8: small-batch on AVX-512 with aligned groups; else GEMM). A row
+    # is bit-identical wherever its chunk has the same kernel, whatever the thread count.
+    rng = np.random.default_rng(11)
+    layer = make_layer(96, 256, rank=3, group_size=group_size)
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    one = layer(x[:1])[0]
+    np.testing.assert_array_equal(layer(x[:257])[256], layer(x[256:257])[0])  # a 1-row chunk
+    np.testing.assert_array_equal(layer(x[:9])[0], layer(x[:256])[0])  # GEMM both times
+    np.testing.assert_array_equal(layer(x[:2])[0], layer(x[:8])[0])  # the same kernel
+    if isa == "scalar":
+        np.testing.assert_array_equal(layer(x[:32])[0], one)  # one order for every batch
+    for b in (1, 2, 8, 9, 32):
+        assert_close(layer(x[:b]), x[:b], layer)
+    for threads in (1, 2, 3):
+        qlora.set_num_threads(threads)
+        np.testing.assert_array_equal(layer(x[:1])[0], one)

@@ -16,7 +16,7 @@ import pytest
 
 import qlora
 from qlora import QLoraLinear
-from qlora._safetensors import SafetensorsFile, bf16_to_float32
+from qlora.formats.safetensors import SafetensorsFile, bf16_to_float32
 
 
 def _layer(shape=(40, 100), group_size=64, dq=False, bias=True, rank=4, seed=0):
@@ -63,7 +63,7 @@ def test_mmap_is_zero_copy(tmp_path):
     path = tmp_path / "l.safetensors"
     layer.save(path)
     back = QLoraLinear.load(path)
-    for arr in (back._w.codes, back._w.scales):
+    for arr in (back._state.weight.codes, back._state.weight.scales):
         base = arr
         while isinstance(base, np.ndarray) and base.base is not None:
             base = base.base
@@ -112,7 +112,7 @@ def test_metadata_and_official_safetensors_interop(tmp_path):
     info = json.loads(meta["layers"])["layer"]
     assert info == {"out_features": 48, "in_features": 64, "group_size": 64, "rank": 4,
                     "alpha": 6.0, "scaling": 1.5, "double_quant": True,
-                    "nested_offset": layer._w.nested_offset, "bias": True}
+                    "nested_offset": layer._state.weight.nested_offset, "bias": True}
     # Rewritten by the official writer (different layout order, same content): still loads.
     save_file(tensors, str(tmp_path / "official.safetensors"), metadata=meta)
     _same(layer, QLoraLinear.load(tmp_path / "official.safetensors"))
@@ -146,7 +146,7 @@ def test_reader_reads_official_files_and_bf16(tmp_path):
 
 
 def test_atomic_save(tmp_path, monkeypatch):
-    from qlora import _safetensors
+    from qlora.formats import safetensors as _safetensors
 
     path = tmp_path / "l.safetensors"
     _layer().save(path)
@@ -336,7 +336,7 @@ def test_mmap_shares_pages_across_processes(tmp_path):
         rank=8, group_size=64)
     path = tmp_path / "big.safetensors"
     layer.save(path)
-    codes_bytes = layer._w.codes.nbytes
+    codes_bytes = layer._state.weight.codes.nbytes
     assert codes_bytes == 8 * 2 ** 20
 
     procs = [_child(path, True, tmp_path / f"y{i}.npy") for i in range(2)]

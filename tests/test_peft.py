@@ -1,5 +1,7 @@
-"""PEFT LoRA adapters: load_peft_adapter, load_adapter / set_lora, merged_weight, and an end-to-end
-match against PEFT's own forward on a small two-layer model (torch and peft run in the test)."""
+"""PEFT LoRA adapters against PEFT itself: scalings and ranks equal PEFT's, an end-to-end match
+against PEFT's own forward on a small two-layer model, and real PEFT files with rejected
+options (torch and peft run in the test). Everything that needs only hand-written files
+(set_lora, merged_weight, the config allow-list, patterns) is in test_peft_files.py."""
 
 from __future__ import annotations
 
@@ -131,59 +133,6 @@ def test_end_to_end_matches_peft(tmp_path, config, double_quant):
     assert _rel(y_no_lora, y_peft_nf4) > 0.3
 
 
-def test_set_lora_changes_rank_atomically():
-    rng = np.random.default_rng(0)
-    layer = QLoraLinear.from_weight(rng.standard_normal((32, 48)), rank=8)
-    a = rng.standard_normal((3, 48))
-    b = rng.standard_normal((32, 3))
-    layer.set_lora(a, b, scaling=0.5)
-    assert layer.rank == 3 and layer.scaling == 0.5 and layer.alpha == 1.5
-    np.testing.assert_array_equal(layer.lora_a, a.astype(np.float32))
-    x = rng.standard_normal((4, 48)).astype(np.float32)
-    want = (x.astype(np.float64) @ layer.dequantize_weight().T.astype(np.float64)
-            + 0.5 * (x @ layer.lora_a.T.astype(np.float64)) @ layer.lora_b.T.astype(np.float64))
-    assert _rel(layer(x), want) < 1e-5
-
-    before = (layer.lora_a, layer.lora_b, layer.scaling)
-    bad = [
-        (rng.standard_normal((3, 47)), b, 0.5, ValueError, "a must have shape"),
-        (a, rng.standard_normal((32, 4)), 0.5, ValueError, "b must have shape"),
-        (a, b, float("nan"), ValueError, "scaling"),
-        (a, b, 0.0, ValueError, "scaling"),
-        (np.full((3, 48), np.inf), b, 0.5, ValueError, "finite"),
-        (a[0], b, 0.5, ValueError, "2-D"),
-        (a.astype(complex), b, 0.5, TypeError, "real"),
-    ]
-    for a_, b_, s_, exc, msg in bad:
-        with pytest.raises(exc, match=msg):
-            layer.set_lora(a_, b_, scaling=s_)
-    np.testing.assert_array_equal(layer.lora_a, before[0])
-    np.testing.assert_array_equal(layer.lora_b, before[1])
-    assert layer.scaling == before[2]
-
-
-def test_load_adapter_shape_mismatch_names_module():
-    layer = QLoraLinear.from_weight(np.ones((8, 16)), rank=2)
-    lw = LoraWeights("m.fc", np.zeros((2, 15), np.float32), np.zeros((8, 2), np.float32), 1.0, 2)
-    with pytest.raises(ValueError, match="m.fc"):
-        layer.load_adapter(lw)
-    with pytest.raises(TypeError):
-        layer.load_adapter({"a": 1})
-
-
-def test_merged_weight():
-    rng = np.random.default_rng(3)
-    layer = QLoraLinear.from_weight(rng.standard_normal((24, 40)), rank=4, alpha=6.0)
-    layer.set_lora_b(rng.standard_normal((24, 4)))
-    m = layer.merged_weight()
-    assert m.dtype == np.float32 and m.shape == (24, 40)
-    want = (layer.dequantize_weight().astype(np.float64)
-            + 1.5 * layer.lora_b.astype(np.float64) @ layer.lora_a.astype(np.float64))
-    np.testing.assert_array_equal(m, want.astype(np.float32))
-    x = rng.standard_normal((5, 40)).astype(np.float32)
-    assert _rel(x @ m.T, layer(x).astype(np.float64)) < 1e-5
-
-
 def _edit_config(folder, **changes):
     path = os.path.join(folder, "adapter_config.json")
     with open(path) as f:
@@ -217,29 +166,6 @@ def test_real_dora_adapter_rejected(tmp_path):
         qlora.load_peft_adapter(folder)
 
 
-def test_missing_files(tmp_path):
-    with pytest.raises(OSError):
-        qlora.load_peft_adapter(tmp_path / "nope")
-    with pytest.raises(OSError):
-        qlora.load_peft_adapter(tmp_path)  # no adapter_config.json
-    _, folder = _peft_model(tmp_path)
-    os.remove(folder / "adapter_model.safetensors")
-    with pytest.raises(OSError):
-        qlora.load_peft_adapter(folder)
-
-
-def test_missing_lora_b_tensor(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    _, folder = _peft_model(tmp_path)
-    path = str(folder / "adapter_model.safetensors")
-    tensors = load_file(path)
-    tensors.pop("base_model.model.fc2.lora_B.weight")
-    save_file(tensors, path)
-    with pytest.raises(ValueError, match="lora_B"):
-        qlora.load_peft_adapter(folder)
-
-
 def test_half_precision_adapter(tmp_path):
     """Adapters saved in bf16 / fp16 are widened to float32 exactly."""
     model, folder = _peft_model(tmp_path)
@@ -248,3 +174,18 @@ def test_half_precision_adapter(tmp_path):
     want = model.base_model.model.fc1.lora_A["default"].weight.detach().float().numpy()
     np.testing.assert_array_equal(ad["fc1"].a, want)
     assert math.isclose(ad["fc1"].scaling, 2.0)
+
+
+def test_every_lora_config_field_is_classified():
+    # The allow-list must know every field the installed PEFT writes, so an adapter saved with
+    # a default config always loads and no field is "unknown" by accident.
+    import dataclasses
+
+    from qlora.formats import peft as qpeft
+
+    known = qpeft._USED | qpeft._HARMLESS | set(qpeft._UNSUPPORTED) | qpeft._INIT_CONFIGS
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - known == set()
+    # And the classification is not vacuous: the math-changing ones are not "harmless".
+    assert not (set(qpeft._UNSUPPORTED) & qpeft._HARMLESS)
+    assert {"use_dora", "fan_in_fan_out", "modules_to_save"} <= set(qpeft._UNSUPPORTED)

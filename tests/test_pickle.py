@@ -81,8 +81,8 @@ def test_pickle_without_bias_and_nested_containers(layer):
 
 def test_deepcopy_owns_its_arrays(layer):
     clone = copy.deepcopy(layer)
-    assert not np.shares_memory(clone._w.codes, layer._w.codes)
-    assert not np.shares_memory(clone._w.scales, layer._w.scales)
+    assert not np.shares_memory(clone._state.weight.codes, layer._state.weight.codes)
+    assert not np.shares_memory(clone._state.weight.scales, layer._state.weight.scales)
 
 
 def test_frozen_v1_fixture():

@@ -145,7 +145,7 @@ def test_results_identical_across_thread_counts(restore_threads, threads):
     def run():
         layer = QLoraLinear.from_weight(w, rank=5, group_size=100, bias=np.ones(333))
         layer.set_lora_b(b)
-        return (layer._w.codes.copy(), layer.scale, layer.dequantize_weight(), layer(x),
+        return (layer._state.weight.codes.copy(), layer.scale, layer.dequantize_weight(), layer(x),
                 layer(x[:7]), layer(x[0]))
 
     qlora.set_num_threads(1)

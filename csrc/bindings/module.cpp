@@ -300,6 +300,25 @@ py::dict kernel_info() {
     precisions[qlora::precision_name(p)] = regimes;
   }
   info["precisions"] = precisions;
+  // The entries each supported ISA provides itself (the rest it takes from the ISAs below it).
+  py::dict own;
+  for (const std::string& name : qlora::available_isas()) {
+    const qlora::KernelTable& t = qlora::own_kernels_by_name(name);
+    py::list entries;
+    const std::pair<bool, const char*> have[] = {
+        {t.group_absmax != nullptr, "group_absmax"},   {t.quantize_rows != nullptr, "quantize_rows"},
+        {t.dequantize_rows != nullptr, "dequantize_rows"}, {t.lora_down != nullptr, "lora_down"},
+        {t.lora_up != nullptr, "lora_up"},             {t.pack_bf16 != nullptr, "pack_bf16"},
+        {t.quantize_q8 != nullptr, "quantize_q8"},     {t.gemm_nf4_f32.fn != nullptr, "gemm_nf4_f32"},
+        {t.gemm_nf4_bf16.fn != nullptr, "gemm_nf4_bf16"}, {t.gemm_nf4_q8.fn != nullptr, "gemm_nf4_q8"},
+        {t.gemm_nf4t_f32 != nullptr, "gemm_nf4t_f32"},
+    };
+    for (const auto& [ok, entry] : have) {
+      if (ok) entries.append(entry);
+    }
+    own[py::str(name)] = entries;
+  }
+  info["isa_kernels"] = own;
   return info;
 }
 
@@ -395,4 +414,19 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &qlora::get_num_threads);
   m.def("set_num_threads", &qlora::set_num_threads, py::arg("n"));
   m.def("default_num_threads", &qlora::default_num_threads);
+  // The GIL is released while pool_info waits for a running job and starts the workers.
+  m.def("thread_pool_info", [] {
+    qlora::PoolInfo info;
+    {
+      py::gil_scoped_release release;
+      info = qlora::pool_info();
+    }
+    py::dict d;
+    d["requested"] = info.requested;
+    d["threads"] = info.threads;
+    d["serial_fallback_reason"] = info.serial_fallback_reason.empty()
+                                      ? py::object(py::none())
+                                      : py::object(py::str(info.serial_fallback_reason));
+    return d;
+  }, "The core's thread pool: requested and running threads, and why it runs serially (or None).");
 }

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 from . import _core
-from ._io import load_layers, save_layers
 from ._layer import QLoraLinear
-from ._peft import LoraWeights, load_peft_adapter
-from ._runtime import active_isa, available_isas, get_num_threads, set_num_threads
+from ._layers import load_layers, save_layers
+from .formats.peft import LoraWeights, load_peft_adapter
+from ._precision import get_precision, set_precision
+from ._runtime import active_isa, available_isas, get_num_threads, kernel_info, set_num_threads
 
 __version__: str = _core.__version__
 
@@ -23,8 +24,11 @@ __all__ = [
     "active_isa",
     "available_isas",
     "get_num_threads",
+    "get_precision",
+    "kernel_info",
     "load_layers",
     "load_peft_adapter",
     "save_layers",
     "set_num_threads",
+    "set_precision",
 ]

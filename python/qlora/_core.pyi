@@ -2,10 +2,11 @@
 qlora C++ core: NF4 quantization and the fused QLoRA forward (private module).
 """
 from __future__ import annotations
+import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'forward', 'get_num_threads', 'group_count', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads']
+__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'forward', 'forward_adapters', 'gemm_choice', 'get_num_threads', 'group_count', 'input_grad', 'kernel_info', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads', 'thread_pool_info']
 class Nf4Tensor:
     def __init__(self, codes: numpy.typing.NDArray[numpy.uint8], scales: numpy.typing.NDArray[numpy.float32] | None, qscales: numpy.typing.NDArray[numpy.uint8] | None, nested_scales: numpy.typing.NDArray[numpy.float32] | None, nested_map: numpy.typing.NDArray[numpy.float32] | None, nested_offset: typing.SupportsFloat | typing.SupportsIndex, out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex, group_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -41,14 +42,30 @@ def dequantize_nf4(tensor: Nf4Tensor, out: numpy.typing.NDArray[numpy.float32]) 
     """
     Write the dequantized float32 weight into out.
     """
-def forward(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], lora_a: numpy.typing.NDArray[numpy.float32], lora_b: numpy.typing.NDArray[numpy.float32], scaling: typing.SupportsFloat | typing.SupportsIndex, bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32]) -> None:
+def forward(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], lora_a: numpy.typing.NDArray[numpy.float32], lora_b: numpy.typing.NDArray[numpy.float32], scaling: typing.SupportsFloat | typing.SupportsIndex, bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32], precision: str = 'fp32', isa: str | None = None) -> None:
     """
-    Fused x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias into out.
+    Fused x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias into out, in the given precision (isa: run that instruction set's own product kernel, for tests).
+    """
+def forward_adapters(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], segments: collections.abc.Sequence[tuple[typing.Annotated[numpy.typing.ArrayLike, numpy.float32], typing.Annotated[numpy.typing.ArrayLike, numpy.float32], typing.SupportsFloat | typing.SupportsIndex, typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None]], bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32], precision: str = 'fp32', isa: str | None = None) -> None:
+    """
+    x @ deq(W).T + bias plus, for each (lora_a, lora_b, scaling, rows, row_scale) segment, its LoRA term on its rows (all rows when rows is None), into out.
+    """
+def gemm_choice(tensor: Nf4Tensor, precision: str, batch: typing.SupportsInt | typing.SupportsIndex) -> dict:
+    """
+    The product kernel a forward of this tensor at this batch uses.
     """
 def get_num_threads() -> int:
     ...
 def group_count(n: typing.SupportsInt | typing.SupportsIndex, group_size: typing.SupportsInt | typing.SupportsIndex) -> int:
     ...
+def input_grad(tensor: Nf4Tensor, grad_y: numpy.typing.NDArray[numpy.float32], dx: numpy.typing.NDArray[numpy.float32]) -> None:
+    """
+    dx = grad_y @ deq(W), decoding the codes on the fly.
+    """
+def kernel_info() -> dict:
+    """
+    The kernels serving each precision and batch regime.
+    """
 def packed_bytes(out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex) -> int:
     ...
 def quantize_nf4(weight: numpy.typing.NDArray[numpy.float32], group_size: typing.SupportsInt | typing.SupportsIndex, codes: numpy.typing.NDArray[numpy.uint8], absmax: numpy.typing.NDArray[numpy.float32]) -> None:
@@ -59,6 +76,10 @@ def set_isa(name: str) -> None:
     ...
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
+def thread_pool_info() -> dict:
+    """
+    The core's thread pool: requested and running threads, and why it runs serially (or None).
+    """
 BATCH_CHUNK: int = 256
 BLOCK_COLS: int = 32
 NESTED_BLOCK: int = 256

@@ -1,68 +1,32 @@
-"""The public QLoraLinear class: a frozen NF4 weight plus trainable-shape LoRA matrices, with
-all validation in Python and all arithmetic in the C++ core (qlora._core).
+"""The public QLoraLinear class: argument validation, then the C++ core (qlora._core) for
+arithmetic and the converters (qlora.formats) for files and interop.
 
-State is held in immutable pieces (read-only arrays, a `_Nf4Parts` and a `_Lora` tuple) that
-setters replace whole. A forward reads each piece once, so a forward running in another thread
-while an adapter is swapped sees either the old adapter or the new one, never a mix, and the
-core keeps the arrays it computes on alive until it returns.
+A layer holds one immutable :class:`qlora._state.LayerState` in one attribute; setters build
+a new state and store it with one write. A forward reads the attribute once, so a forward
+running in another thread while an adapter is swapped sees either the old state or the new
+one, never a mix, and the core keeps the arrays it computes on alive until it returns.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Mapping, NamedTuple
+from typing import Mapping
 
 import numpy as np
 
-from . import _core
-from ._validate import as_float32, check_finite, check_int, check_positive_float
+from . import _core, _precision
+from ._precision import PRECISIONS, check_precision
+from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
+from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
+                        check_out, check_path, check_scaling, float32_matrix)
+from .formats import bnb as _bnb
+from .formats import files as _files
+from .formats import pickled as _pickle
+from .formats.peft import LoraWeights
 
-__all__ = ["QLoraLinear"]
+__all__ = ["QLoraLinear", "layer_from_state", "layer_states"]
 
 _F32 = np.dtype(np.float32)
-_U8 = np.dtype(np.uint8)
-_PICKLE_VERSION = 1
-
-
-def _frozen(arr: np.ndarray) -> np.ndarray:
-    arr.setflags(write=False)
-    return arr
-
-
-class _Nf4Parts(NamedTuple):
-    """The quantized weight: packed codes and either plain or double-quantized scales."""
-
-    out_features: int
-    in_features: int
-    group_size: int
-    codes: np.ndarray  # uint8, qlora's packed rows (see csrc/include/qlora/nf4.h)
-    scales: np.ndarray | None  # float32 absmax per group
-    qscales: np.ndarray | None = None  # uint8 per group (double quantization)
-    nested_scales: np.ndarray | None = None  # float32 per 256 groups
-    nested_map: np.ndarray | None = None  # float32 (256,)
-    nested_offset: float = 0.0
-
-    def tensor(self) -> _core.Nf4Tensor:
-        return _core.Nf4Tensor(
-            self.codes, self.scales, self.qscales, self.nested_scales, self.nested_map,
-            float(self.nested_offset), self.out_features, self.in_features, self.group_size,
-        )
-
-    def nbytes(self) -> int:
-        arrays = (self.codes, self.scales, self.qscales, self.nested_scales, self.nested_map)
-        extra = 4 if self.qscales is not None else 0  # the offset
-        return sum(a.nbytes for a in arrays if a is not None) + extra
-
-
-class _Lora(NamedTuple):
-    a: np.ndarray  # float32 (rank, in_features), read-only
-    b: np.ndarray  # float32 (out_features, rank), read-only
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
 
 
 class QLoraLinear:
@@ -85,19 +49,16 @@ class QLoraLinear:
         one absmax scale; ``num_groups = ceil(out_features * in_features / group_size)``.
     """
 
-    __slots__ = ("_w", "_tensor", "_lora", "_bias", "__weakref__")
+    __slots__ = ("_state", "__weakref__")
 
     def __init__(self) -> None:
         raise TypeError("use QLoraLinear.from_weight(...) to build a layer")
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def _from_parts(cls, parts: _Nf4Parts, lora: _Lora, bias: np.ndarray | None) -> "QLoraLinear":
+    def _from_state(cls, state: LayerState) -> "QLoraLinear":
         self = object.__new__(cls)
-        self._w = parts
-        self._tensor = parts.tensor()
-        self._lora = lora
-        self._bias = bias
+        self._state = state
         return self
 
     @classmethod
@@ -162,48 +123,37 @@ class QLoraLinear:
                 f"weight must have no empty dimension, got shape ({out_features}, {in_features})"
             )
         rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
-        alpha = check_positive_float(alpha, "alpha")
-        # The core multiplies by scaling in float32: a finite alpha whose alpha / rank
-        # overflows (or underflows to 0) there would silently give NaN (or drop the adapter).
-        if not 1.1754943508222875e-38 <= alpha / rank <= 3.4028234663852886e38:
-            raise ValueError(
-                f"alpha / rank must be a normal float32 number (the core computes in float32), "
-                f"got alpha={alpha!r} and rank={rank} (alpha / rank = {alpha / rank!r})"
-            )
+        alpha = check_alpha(alpha, rank)
         group_size = check_int(group_size, "group_size", minimum=1, maximum=2**63 - 1)  # int64
         seed = check_int(seed, "seed", minimum=0)
-        if not isinstance(double_quant, (bool, np.bool_)):
-            raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        double_quant = check_bool(double_quant, "double_quant")
         check_finite(w, "weight")
-        bias_arr = None if bias is None else cls._check_bias(bias, out_features)
-
-        codes = np.empty(_core.packed_bytes(out_features, in_features), dtype=np.uint8)
-        scales = np.empty(_core.group_count(out_features * in_features, group_size), np.float32)
-        _core.quantize_nf4(w, group_size, codes, scales)
-        parts = _Nf4Parts(out_features, in_features, group_size, _frozen(codes), _frozen(scales))
-
-        if double_quant:
-            from ._bnb import double_quantize
-
-            qscales, nested, nested_map, offset = double_quantize(scales)
-            parts = parts._replace(scales=None, qscales=_frozen(qscales),
-                                   nested_scales=_frozen(nested), nested_map=nested_map,
-                                   nested_offset=offset)
-        lora = _new_lora(rank, alpha, seed, out_features, in_features)
-        return cls._from_parts(parts, lora, bias_arr)
+        bias_arr = None if bias is None else float32_matrix(bias, "bias", (out_features,))
+        weight = quantize_weight(w, group_size, double_quant)
+        lora = new_adapter(rank, alpha / rank, seed, out_features, in_features)
+        return cls._from_state(make_state(weight, lora, bias_arr))
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: object, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: object, out: np.ndarray | None = None, *,
+                precision: str | None = None) -> np.ndarray:
         """Apply the layer: ``x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias``.
 
         Parameters
         ----------
         x : array_like, shape (in_features,) or (..., in_features)
-            Real numbers; converted to float32 C-contiguous if it is not already (a copy).
+            Real numbers; converted to an aligned float32 C-contiguous array if it is not
+            already one (a copy).
             NaN and Inf propagate as IEEE arithmetic does.
         out : numpy.ndarray, optional
-            float32, C-contiguous, writable, of exactly the result shape and not overlapping
-            ``x``: written in place and returned.
+            float32, C-contiguous, aligned, writable, of exactly the result shape and not
+            overlapping ``x``: written in place and returned.
+        precision : {"fp32", "bf16", "int8"}, optional
+            What the base product ``x @ deq(W).T`` is computed in (the LoRA term and the bias
+            are always float32); default: :func:`qlora.get_precision`. ``"bf16"`` rounds x
+            and each decoded weight to bfloat16; ``"int8"`` quantizes x per row in blocks of
+            32 and uses the NF4 codebook as int8. Where this CPU has no kernel for it (or,
+            for int8, the layer's groups do not hold whole 32-column blocks) the call runs
+            in fp32; :func:`qlora.kernel_info` says which kernel serves what.
 
         Returns
         -------
@@ -213,29 +163,36 @@ class QLoraLinear:
         Raises
         ------
         TypeError
-            If ``x`` is not real numeric, or ``out`` is not a float32 ndarray.
+            If ``x`` is not real numeric, ``out`` is not a float32 ndarray, or ``precision``
+            is not a str.
         ValueError
-            If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, or ``out`` has
-            the wrong shape, is not C-contiguous, is read-only or overlaps ``x``.
+            If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, ``out`` has
+            the wrong shape, is not C-contiguous or not aligned, is read-only or overlaps
+            ``x``, or ``precision`` is not one of the precisions.
         """
-        tensor = self._tensor
-        lora = self._lora
+        if precision is None:
+            precision = _precision.default
+        elif precision not in PRECISIONS:
+            check_precision(precision)
+        state = self._state  # read once: one consistent state for the whole call
+        w = state.weight
         # Shapes from the namedtuple (plain ints): a pybind11 property read costs ~0.1 us,
         # a measurable part of a small layer's ~2.5 us fixed cost per call.
-        in_features, out_features = self._w.in_features, self._w.out_features
-        if not (type(x) is np.ndarray and x.dtype is _F32 and x.flags.c_contiguous
-                and x.ndim and x.shape[-1] == in_features):
+        in_features, out_features = w.in_features, w.out_features
+        if not (type(x) is np.ndarray and x.dtype is _F32 and (f := x.flags).c_contiguous
+                and f.aligned and x.ndim and x.shape[-1] == in_features):
             x = self._prepare_x(x, in_features)
         shape = x.shape[:-1] + (out_features,)
         if out is None:
             y = np.empty(shape, dtype=np.float32)
         else:
-            y = self._check_out(out, shape, "out")
+            y = check_out(out, shape, "out")
             if np.may_share_memory(y, x):
                 raise ValueError("out must not overlap x")
         # The core takes any leading dimensions (C-contiguous), so nothing is reshaped here.
         if x.size:
-            _core.forward(tensor, x, lora.a, lora.b, lora.scaling, self._bias, y)
+            lora = state.lora
+            _core.forward(state.tensor, x, lora.a, lora.b, lora.scaling, state.bias, y, precision)
         return y
 
     __call__ = forward
@@ -253,28 +210,14 @@ class QLoraLinear:
             )
         return arr
 
-    @staticmethod
-    def _check_out(out: object, shape: tuple[int, ...], name: str) -> np.ndarray:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-        if out.dtype != _F32:
-            raise TypeError(f"{name} must have dtype float32, got {out.dtype}")
-        if out.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-        if not out.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous")
-        if not out.flags.writeable:
-            raise ValueError(f"{name} must be writable")
-        return out
-
     def dequantize_weight(self, out: np.ndarray | None = None) -> np.ndarray:
         """Return the dequantized weight ``code * absmax`` as float32 (out_features, in_features).
 
         Parameters
         ----------
         out : numpy.ndarray, optional
-            float32, C-contiguous, writable, shape (out_features, in_features); written in
-            place and returned.
+            float32, C-contiguous, aligned, writable, shape (out_features, in_features);
+            written in place and returned.
 
         Returns
         -------
@@ -286,9 +229,10 @@ class QLoraLinear:
         TypeError, ValueError
             If ``out`` is not as described.
         """
-        shape = (self._w.out_features, self._w.in_features)
-        y = np.empty(shape, np.float32) if out is None else self._check_out(out, shape, "out")
-        _core.dequantize_nf4(self._tensor, y)
+        state = self._state
+        shape = (state.weight.out_features, state.weight.in_features)
+        y = np.empty(shape, np.float32) if out is None else check_out(out, shape, "out")
+        _core.dequantize_nf4(state.tensor, y)
         return y
 
     # ------------------------------------------------------------------ adapter
@@ -300,9 +244,9 @@ class QLoraLinear:
         TypeError, ValueError
             On a wrong dtype, shape or a non-finite value; the layer is then unchanged.
         """
-        lora = self._lora
-        arr = self._check_matrix(a, "a", (lora.rank, self._w.in_features))
-        self._lora = lora._replace(a=arr)
+        state = self._state
+        arr = float32_matrix(a, "a", (state.lora.rank, state.weight.in_features))
+        self._state = state._replace(lora=state.lora._replace(a=arr))
 
     def set_lora_b(self, b: object) -> None:
         """Replace LoRA ``B``: array_like (out_features, rank), finite real numbers (copied).
@@ -312,9 +256,9 @@ class QLoraLinear:
         TypeError, ValueError
             On a wrong dtype, shape or a non-finite value; the layer is then unchanged.
         """
-        lora = self._lora
-        arr = self._check_matrix(b, "b", (self._w.out_features, lora.rank))
-        self._lora = lora._replace(b=arr)
+        state = self._state
+        arr = float32_matrix(b, "b", (state.weight.out_features, state.lora.rank))
+        self._state = state._replace(lora=state.lora._replace(b=arr))
 
     def set_bias(self, bias: object) -> None:
         """Replace the bias with array_like (out_features,) of finite reals, or remove it (None).
@@ -324,72 +268,52 @@ class QLoraLinear:
         TypeError, ValueError
             On a wrong dtype, shape or a non-finite value; the layer is then unchanged.
         """
-        self._bias = None if bias is None else self._check_bias(bias, self._w.out_features)
-
-    @staticmethod
-    def _check_matrix(value: object, name: str, shape: tuple[int, int]) -> np.ndarray:
-        arr = as_float32(value, name)
-        if arr.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-        # Always copy: a conversion may return a view of the caller's memory (a torch tensor,
-        # an np.matrix, anything with __array__), which the caller could then change.
-        arr = arr.copy()
-        check_finite(arr, name)
-        return _frozen(arr)
-
-    @classmethod
-    def _check_bias(cls, bias: object, out_features: int) -> np.ndarray:
-        arr = as_float32(bias, "bias")
-        if arr.shape != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {arr.shape}")
-        arr = arr.copy()  # never a view of the caller's memory (see _check_matrix)
-        check_finite(arr, "bias")
-        return _frozen(arr)
+        state = self._state
+        arr = None if bias is None else float32_matrix(bias, "bias",
+                                                       (state.weight.out_features,))
+        self._state = state._replace(bias=arr)
 
     # ------------------------------------------------------------------ properties
     @property
     def in_features(self) -> int:
         """Columns of the weight (length of an input vector)."""
-        return self._w.in_features
+        return self._state.weight.in_features
 
     @property
     def out_features(self) -> int:
         """Rows of the weight (length of an output vector)."""
-        return self._w.out_features
+        return self._state.weight.out_features
 
     @property
     def rank(self) -> int:
         """LoRA rank: rows of ``lora_a``."""
-        return self._lora.rank
+        return self._state.lora.rank
 
     @property
     def scaling(self) -> float:
         """Factor of the LoRA term, ``alpha / rank``."""
-        return self._lora.scaling
+        return self._state.lora.scaling
 
     @property
     def alpha(self) -> float:
         """LoRA alpha, ``scaling * rank``."""
-        return self._lora.scaling * self._lora.rank
+        lora = self._state.lora
+        return lora.scaling * lora.rank
 
     @property
     def group_size(self) -> int:
         """Elements per absmax group of the flattened weight."""
-        return self._w.group_size
+        return self._state.weight.group_size
 
     @property
     def num_groups(self) -> int:
         """Number of absmax groups, ``ceil(out_features * in_features / group_size)``."""
-        return self._tensor.num_groups
+        return self._state.tensor.num_groups
 
     @property
     def scale(self) -> np.ndarray:
         """Per-group absmax as a new float32 array of length ``num_groups``."""
-        w = self._w
-        if w.scales is not None:
-            return w.scales.copy()
-        m = w.nested_map[w.qscales] * np.repeat(w.nested_scales, 256)[: w.qscales.size]
-        return (m + np.float32(w.nested_offset)).astype(np.float32)
+        return self._state.weight.decoded_scales()
 
     @property
     def zero_point(self) -> np.ndarray:
@@ -399,17 +323,18 @@ class QLoraLinear:
     @property
     def lora_a(self) -> np.ndarray:
         """A copy of LoRA ``A``, float32 (rank, in_features)."""
-        return self._lora.a.copy()
+        return self._state.lora.a.copy()
 
     @property
     def lora_b(self) -> np.ndarray:
         """A copy of LoRA ``B``, float32 (out_features, rank)."""
-        return self._lora.b.copy()
+        return self._state.lora.b.copy()
 
     @property
     def bias(self) -> np.ndarray | None:
         """A copy of the bias, float32 (out_features,), or None."""
-        return None if self._bias is None else self._bias.copy()
+        bias = self._state.bias
+        return None if bias is None else bias.copy()
 
     def memory_saved_bytes(self) -> int:
         """Bytes of the fp32 weight minus the bytes stored for the quantized weight (>= 0).
@@ -420,21 +345,23 @@ class QLoraLinear:
             ``4 * out_features * in_features`` minus codes, scales and any double-quantization
             tables, floored at zero (a tiny layer can cost more than its fp32 weight).
         """
-        fp32 = 4 * self._w.out_features * self._w.in_features
-        return max(0, fp32 - self._w.nbytes())
+        w = self._state.weight
+        return max(0, 4 * w.out_features * w.in_features - w.nbytes())
 
     def trainable_params(self) -> int:
         """LoRA parameters, ``rank * (in_features + out_features)``."""
-        return self.rank * (self._w.in_features + self._w.out_features)
+        state = self._state
+        return state.lora.rank * (state.weight.in_features + state.weight.out_features)
 
     def __repr__(self) -> str:
-        w = self._w
-        dq = ", double_quant=True" if w.qscales is not None else ""
+        state = self._state
+        w, lora = state.weight, state.lora
+        dq = ", double_quant=True" if w.double_quant else ""
         return (
             f"QLoraLinear(in_features={w.in_features}, out_features={w.out_features}, "
-            f"rank={self.rank}, alpha={self.alpha:g}, group_size={w.group_size}{dq}, "
-            f"nf4_bytes={w.nbytes()}, fp32_bytes={4 * w.out_features * w.in_features}, "
-            f"bias={self._bias is not None})"
+            f"rank={lora.rank}, alpha={lora.scaling * lora.rank:g}, "
+            f"group_size={w.group_size}{dq}, nf4_bytes={w.nbytes()}, "
+            f"fp32_bytes={4 * w.out_features * w.in_features}, bias={state.bias is not None})"
         )
 
     # ------------------------------------------------------------------ files and interop
@@ -479,9 +406,13 @@ class QLoraLinear:
         TypeError
             If ``state_dict`` is not a mapping.
         """
-        from ._bnb import layer_from_bnb
-
-        return layer_from_bnb(cls, state_dict, prefix, rank, alpha, seed)
+        weight, bias = _bnb.weight_from_bnb(state_dict, prefix)
+        out_features, in_features = weight.out_features, weight.in_features
+        rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
+        alpha = check_alpha(alpha, rank)
+        seed = check_int(seed, "seed", minimum=0)
+        lora = new_adapter(rank, alpha / rank, seed, out_features, in_features)
+        return cls._from_state(make_state(weight, lora, bias))
 
     def to_bnb(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Export the quantized weight (and bias) as a bitsandbytes ``Linear4bit`` state dict.
@@ -503,9 +434,8 @@ class QLoraLinear:
         ValueError
             If ``group_size`` is not a block size bitsandbytes accepts (32, 64, ..., 4096).
         """
-        from ._bnb import layer_to_bnb
-
-        return layer_to_bnb(self, prefix)
+        state = self._state
+        return _bnb.weight_to_bnb(state.weight, state.bias, prefix)
 
     def save(self, path: "str | os.PathLike[str]") -> None:
         """Save the layer to one safetensors file (codes, scales, LoRA, bias and metadata).
@@ -520,12 +450,12 @@ class QLoraLinear:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or os.PathLike.
         OSError
             If the file cannot be written.
         """
-        from ._io import save_layers
-
-        save_layers(path, {"layer": self})
+        _files.write_layers(check_path(path, "path"), {"layer": self._state})
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]", *, mmap: bool = True) -> "QLoraLinear":
@@ -545,19 +475,20 @@ class QLoraLinear:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or os.PathLike, or ``mmap`` is not a bool.
         OSError
             If the file cannot be read.
         ValueError
             If the file is not a valid qlora file or does not hold exactly one layer; the
             message names the file and the field.
         """
-        from ._io import load_layers
-
-        layers = load_layers(path, mmap=mmap)
+        path = check_path(path, "path")
+        layers = _files.read_layers(path, mmap=check_bool(mmap, "mmap"))
         if len(layers) != 1:
             raise ValueError(f"{os.fspath(path)}: holds {len(layers)} layers "
                              f"({sorted(layers)}); use qlora.load_layers")
-        return next(iter(layers.values()))
+        return cls._from_state(next(iter(layers.values())))
 
     def set_lora(self, a: object, b: object, *, scaling: float) -> None:
         """Replace the whole LoRA adapter at once; the rank may change.
@@ -568,7 +499,9 @@ class QLoraLinear:
         b : array_like, shape (out_features, r)
             Finite real numbers, copied to float32. ``r >= 1``.
         scaling : float
-            Finite and > 0; multiplies the LoRA term. ``alpha`` becomes ``scaling * r``.
+            Finite and > 0, a normal float32 number (``1.18e-38 <= scaling <= 3.40e38``: the
+            core multiplies by it in float32); multiplies the LoRA term. ``alpha`` becomes
+            ``scaling * r``.
 
         Raises
         ------
@@ -577,14 +510,15 @@ class QLoraLinear:
             unchanged. A forward running concurrently sees the old or the new adapter, never a
             mix.
         """
+        state = self._state
         a_arr = as_float32(a, "a", ndim=2)
         r = int(a_arr.shape[0])
         if r < 1:
             raise ValueError(f"a must have at least one row (rank >= 1), got shape {a_arr.shape}")
-        a_arr = self._check_matrix(a, "a", (r, self._w.in_features))
-        b_arr = self._check_matrix(b, "b", (self._w.out_features, r))
-        s = check_positive_float(scaling, "scaling")
-        self._lora = _Lora(a_arr, b_arr, s)
+        a_arr = float32_matrix(a_arr, "a", (r, state.weight.in_features))
+        b_arr = float32_matrix(b, "b", (state.weight.out_features, r))
+        s = check_scaling(scaling, "scaling")
+        self._state = state._replace(lora=Adapter(a_arr, b_arr, s))
 
     def load_adapter(self, weights: object) -> None:
         """Apply one adapter entry from :func:`qlora.load_peft_adapter`.
@@ -600,15 +534,14 @@ class QLoraLinear:
         ValueError
             If its shapes do not fit this layer (the message names the module).
         """
-        from ._peft import LoraWeights
-
         if not isinstance(weights, LoraWeights):
             raise TypeError(f"weights must be a qlora.LoraWeights, got {type(weights).__name__}")
+        w = self._state.weight
         try:
             self.set_lora(weights.a, weights.b, scaling=weights.scaling)
         except ValueError as exc:
             raise ValueError(f"adapter for module {weights.name!r} does not fit this layer "
-                             f"({self._w.out_features}x{self._w.in_features}): {exc}") from None
+                             f"({w.out_features}x{w.in_features}): weights.{exc}") from None
 
     def merged_weight(self) -> np.ndarray:
         """The effective weight ``deq(W) + scaling * B @ A`` as float32 (out, in).
@@ -622,85 +555,70 @@ class QLoraLinear:
         numpy.ndarray
             A new float32 array of shape (out_features, in_features).
         """
-        lora = self._lora
-        deq = self.dequantize_weight().astype(np.float64)
+        state = self._state
+        lora = state.lora
+        deq = np.empty((state.weight.out_features, state.weight.in_features), np.float32)
+        _core.dequantize_nf4(state.tensor, deq)
+        deq = deq.astype(np.float64)
         deq += lora.scaling * (lora.b.astype(np.float64) @ lora.a.astype(np.float64))
         return deq.astype(np.float32)
 
     # ------------------------------------------------------------------ copy and pickle
     def __copy__(self) -> "QLoraLinear":
-        # Every piece is immutable and replaced whole by setters, so sharing is independence.
-        return type(self)._from_parts(self._w, self._lora, self._bias)
+        # The state is immutable and replaced whole by setters, so sharing is independence.
+        return type(self)._from_state(self._state)
 
     def __deepcopy__(self, memo: dict) -> "QLoraLinear":
-        def own(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else _frozen(np.array(a, copy=True))
-
-        w = self._w
-        parts = w._replace(codes=own(w.codes), scales=own(w.scales), qscales=own(w.qscales),
-                           nested_scales=own(w.nested_scales), nested_map=own(w.nested_map))
-        lora = self._lora._replace(a=own(self._lora.a), b=own(self._lora.b))
-        return type(self)._from_parts(parts, lora, own(self._bias))
+        state = self._state
+        bias = None if state.bias is None else frozen(np.array(state.bias, copy=True))
+        adapters = {name: ad.owned() for name, ad in state.adapters.items()}
+        return type(self)._from_state(make_state(state.weight.owned(), state.lora.owned(), bias,
+                                                 adapters))
 
     def __getstate__(self) -> dict:
-        w = self._w
-        state = {
-            "version": _PICKLE_VERSION,
-            "out_features": w.out_features,
-            "in_features": w.in_features,
-            "group_size": w.group_size,
-            "codes": np.asarray(w.codes),
-            "scales": None if w.scales is None else np.asarray(w.scales),
-            "qscales": None if w.qscales is None else np.asarray(w.qscales),
-            "nested_scales": None if w.nested_scales is None else np.asarray(w.nested_scales),
-            "nested_map": None if w.nested_map is None else np.asarray(w.nested_map),
-            "nested_offset": float(w.nested_offset),
-            "lora_a": self._lora.a,
-            "lora_b": self._lora.b,
-            "scaling": self._lora.scaling,
-            "bias": self._bias,
-        }
-        return state
+        return _pickle.state_to_dict(self._state)
 
     def __setstate__(self, state: dict) -> None:
-        version = state.get("version")
-        if version != _PICKLE_VERSION:
-            raise ValueError(
-                f"cannot unpickle QLoraLinear: format version {version!r} is not supported "
-                f"(this qlora reads version {_PICKLE_VERSION})"
-            )
-
-        def arr(key: str, dtype: np.dtype) -> np.ndarray | None:
-            v = state[key]
-            return None if v is None else _frozen(np.array(v, dtype=dtype, copy=True))
-
-        parts = _Nf4Parts(
-            int(state["out_features"]), int(state["in_features"]), int(state["group_size"]),
-            arr("codes", _U8), arr("scales", _F32), arr("qscales", _U8),
-            arr("nested_scales", _F32), arr("nested_map", _F32), float(state["nested_offset"]),
-        )
-        lora = _Lora(arr("lora_a", _F32), arr("lora_b", _F32), float(state["scaling"]))
-        self._w = parts
-        self._tensor = parts.tensor()
-        self._lora = lora
-        self._bias = arr("bias", _F32)
+        self._state = _pickle.state_from_dict(state)
 
     def __reduce__(self):
         return (_unpickle, (self.__getstate__(),))
-
-
-def _new_lora(rank: int, alpha: float, seed: int, out_features: int,
-              in_features: int) -> _Lora:
-    """PEFT's default LoRA init: ``A`` Kaiming-uniform from a PCG64 stream of ``seed``, ``B``
-    zeros, ``scaling = alpha / rank``."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    bound = 1.0 / math.sqrt(in_features)
-    a = rng.uniform(-bound, bound, size=(rank, in_features)).astype(np.float32)
-    b = np.zeros((out_features, rank), dtype=np.float32)
-    return _Lora(_frozen(a), _frozen(b), alpha / rank)
 
 
 def _unpickle(state: dict) -> QLoraLinear:
     layer = object.__new__(QLoraLinear)
     layer.__setstate__(state)
     return layer
+
+
+# ---------------------------------------------------------------------- states of layers
+def layer_states(layers: object) -> dict[str, LayerState]:
+    """The current state of each layer of ``layers`` (checked as ``qlora.save_layers`` checks
+    it), for code that writes layers through :mod:`qlora.formats.files`.
+
+    Raises
+    ------
+    TypeError
+        If ``layers`` is not a mapping or holds something other than a QLoraLinear.
+    ValueError
+        If it is empty or a name is not a non-empty string (or is ``__metadata__``).
+    """
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"layers must be a mapping of names to QLoraLinear, got "
+                        f"{type(layers).__name__}")
+    if not layers:
+        raise ValueError("layers must hold at least one layer")
+    states = {}
+    for name, layer in layers.items():
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise ValueError(f"layer names must be non-empty strings, got {name!r}")
+        if not isinstance(layer, QLoraLinear):
+            raise TypeError(f"layers[{name!r}] must be a QLoraLinear, got "
+                            f"{type(layer).__name__}")
+        states[name] = layer._state
+    return states
+
+
+def layer_from_state(state: LayerState) -> QLoraLinear:
+    """A layer holding ``state`` (a value read by :mod:`qlora.formats.files`)."""
+    return QLoraLinear._from_state(state)

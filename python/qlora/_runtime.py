@@ -7,16 +7,19 @@ import os
 import re
 import warnings
 
-from . import _core
+from . import _core, _precision
 from ._validate import check_int
 
-__all__ = ["active_isa", "available_isas", "get_num_threads", "set_num_threads"]
+__all__ = ["active_isa", "available_isas", "get_num_threads", "kernel_info", "set_num_threads"]
 
 
 def active_isa() -> str:
-    """Name of the instruction set the kernels run with: 'avx512', 'avx2', 'neon' or 'scalar'.
+    """Name of the best instruction set the kernels may use, e.g. 'amx', 'avx512_bf16',
+    'avx512', 'avx2', 'neon_dot', 'neon' or 'scalar'.
 
-    Chosen once from the CPU's features; the environment variable ``QLORA_FORCE_ISA`` overrides.
+    Chosen once from the CPU's features; the environment variable ``QLORA_FORCE_ISA`` overrides
+    (it caps the choice: kernels come from that instruction set or the ones below it).
+    :func:`kernel_info` says which kernel serves each precision.
 
     Returns
     -------
@@ -38,6 +41,28 @@ def available_isas() -> list[str]:
     list of str
     """
     return list(_core.available_isas())
+
+
+def kernel_info() -> dict:
+    """What serves each precision on this CPU, as a plain dict (for logs and bug reports).
+
+    Returns
+    -------
+    dict
+        ``isa`` (the active instruction set), ``available_isas``, ``compiled_isas``,
+        ``cpu_features`` (what was detected, AMX only when the OS granted it), ``precision``
+        (the process default), ``num_threads``, and ``precisions``: for each of ``"fp32"``,
+        ``"bf16"``, ``"int8"`` a list of batch regimes, each a dict with ``from_batch`` (the
+        smallest batch chunk it serves; it serves up to the next regime's), ``kernel`` (e.g.
+        ``"avx512_bf16.gemm_nf4_bf16"``), ``isa``, ``precision`` (what it computes) and
+        ``fallback`` (True when the precision asked for is served by a more exact kernel).
+        Batches run in chunks of at most 256 rows. For int8 the regimes assume a layer whose
+        groups hold whole 32-column blocks; other layers run int8 requests in fp32.
+    """
+    info = dict(_core.kernel_info())
+    info["precision"] = _precision.get_precision()
+    info["num_threads"] = _core.get_num_threads()
+    return info
 
 
 def get_num_threads() -> int:

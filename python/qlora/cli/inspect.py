@@ -15,9 +15,9 @@ import argparse
 import json
 from collections import defaultdict
 
-from ._cli_quantize import _human, check_input, select
-from ._io import SUFFIXES, read_layers_metadata
-from ._safetensors import SafetensorsFile
+from ..formats.files import SUFFIXES, read_layers_metadata
+from ..formats.safetensors import SafetensorsFile
+from .common import check_input, human, select
 
 __all__ = ["register"]
 
@@ -46,7 +46,7 @@ def _table(header: tuple, rows: list[tuple]) -> None:
 def run(args: argparse.Namespace) -> int:
     check_input(args.file)
     st = SafetensorsFile(args.file, header_only=True)
-    print(f"{args.file}: {_human(st.file_size)}, {len(st.tensors)} tensors")
+    print(f"{args.file}: {human(st.file_size)}, {len(st.tensors)} tensors")
     if st.metadata.get("format") == "qlora":
         _qlora(st)
     elif any(_QS in name for name in st.tensors):
@@ -68,11 +68,18 @@ def _qlora(st: SafetensorsFile) -> None:
         if not isinstance(info, dict):
             info = {}
         rows.append((name, f"{info.get('out_features')}x{info.get('in_features')}",
-                     info.get("group_size"), info.get("rank"), f"{info.get('alpha', 0):g}",
+                     info.get("group_size"), info.get("rank"), _number(info.get("alpha")),
                      "yes" if info.get("double_quant") else "no",
-                     "yes" if info.get("bias") else "no", _human(nbytes)))
+                     "yes" if info.get("bias") else "no", human(nbytes)))
     _table(("layer", "shape", "group", "rank", "alpha", "double_quant", "bias", "bytes"), rows)
     _others(st, owned)
+
+
+def _number(v: object) -> str:
+    """A metadata number for the table; anything else (a damaged file) as its repr."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:g}"
+    return repr(v)
 
 
 def _bnb(st: SafetensorsFile) -> None:
@@ -96,7 +103,7 @@ def _bnb(st: SafetensorsFile) -> None:
         rows.append((prefix, shape_s, qs.get("quant_type", name.rsplit("__", 1)[-1]),
                      qs.get("blocksize", "?"), "yes" if nested else "no",
                      "yes" if prefix + ".bias" in st.tensors else "no",
-                     _human(sum(st.tensors[k].nbytes for k in keys))))
+                     human(sum(st.tensors[k].nbytes for k in keys))))
     print(f"bitsandbytes 4-bit checkpoint, {len(rows)} Linear4bit layers "
           "(import one with QLoraLinear.from_bnb)")
     _table(("layer", "shape", "quant_type", "blocksize", "double_quant", "bias", "bytes"), rows)
@@ -111,10 +118,10 @@ def _plain(st: SafetensorsFile) -> None:
     fmt = st.metadata.get("format")
     print("plain safetensors file" + (f" (format {fmt!r})" if fmt else ""))
     _table(("dtype", "tensors", "bytes"),
-           [(d, c, _human(b)) for d, (c, b) in sorted(by_dtype.items())])
+           [(d, c, human(b)) for d, (c, b) in sorted(by_dtype.items())])
     chosen = select(st, None, None, True)
     nbytes = sum(st.tensors[n].nbytes for n in chosen)
-    print(f"qlora quantize would quantize {len(chosen)} matrices ({_human(nbytes)}) by default:")
+    print(f"qlora quantize would quantize {len(chosen)} matrices ({human(nbytes)}) by default:")
     for n in chosen[:20]:
         info = st.tensors[n]
         print(f"  {n}  {'x'.join(map(str, info.shape))}  {info.dtype}")
@@ -126,4 +133,4 @@ def _others(st: SafetensorsFile, owned: set) -> None:
     rest = [n for n in st.tensors if n not in owned]
     if rest:
         nbytes = sum(st.tensors[n].nbytes for n in rest)
-        print(f"other tensors: {len(rest)} ({_human(nbytes)})")
+        print(f"other tensors: {len(rest)} ({human(nbytes)})")

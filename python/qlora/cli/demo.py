@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from ._cli_args import parse_shape
-from ._layer import QLoraLinear
+from .._layer import QLoraLinear
+from .common import nonneg_int, parse_shape, positive_float, positive_int
 
 __all__ = ["register"]
 
@@ -21,13 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "its fp32 and NF4 sizes, the memory saved, the relative reconstruction error and the "
         "relative error of forward against the fp32 layer on a random batch.",
     )
-    p.add_argument("--shape", type=parse_shape, default=(4096, 4096), help="OUTxIN (default 4096x4096)")
+    p.add_argument("--shape", type=parse_shape, default=(4096, 4096),
+                   help="OUTxIN (default 4096x4096)")
     p.add_argument("--weights", metavar="FILE.npy", help="a 2-D .npy weight instead of random")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=positive_int, default=16, help="LoRA rank (16)")
+    p.add_argument("--alpha", type=positive_float, default=32.0, help="LoRA alpha (32)")
+    p.add_argument("--group-size", type=positive_int, default=64,
+                   help="elements per absmax group (64)")
+    p.add_argument("--batch", type=positive_int, default=8, help="rows of the test input (8)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (0)")
     p.set_defaults(func=run)
 
 

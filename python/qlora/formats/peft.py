@@ -5,8 +5,15 @@ Scaling follows PEFT 0.21's ``LoraLayer.update_layer``: ``lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with ``use_rslora``, where ``r`` and ``lora_alpha`` are overridden
 per module by ``rank_pattern`` / ``alpha_pattern``. A pattern key ``K`` applies to module path
 ``M`` when ``re.match(rf"(.*\\.)?({K})$", M)`` matches, the first such key in the file's order
-winning (PEFT's ``get_pattern_key``). Options that change the forward math (DoRA,
-``fan_in_fan_out``, LoRA bias, trained base biases, ``modules_to_save``, ...) are rejected.
+winning (PEFT's ``get_pattern_key``).
+
+The config is read against an allow-list: every ``LoraConfig`` field of PEFT 0.21 is either
+used (``r``, ``lora_alpha``, ``use_rslora``, the patterns), harmless for inference (metadata,
+which modules were targeted, dropout, ...), or changes the forward math and is rejected when
+set (DoRA, ``fan_in_fan_out``, LoRA bias, trained base biases, ``modules_to_save``, inits that
+rewrite the base weight, ...). A key the list does not know (a newer PEFT's option) is
+accepted only at an empty value (None, false, "", [] or {}); any other value is an error
+naming it, since it could change the math.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from ._safetensors import SafetensorsFile, bf16_to_float32
+from .._validate import check_f32_range, check_path
+from .safetensors import SafetensorsFile, bf16_to_float32, require_regular_file
 
 __all__ = ["LoraWeights", "load_peft_adapter"]
 
 _PREFIX = "base_model.model."
+# A real adapter_config.json is a few KB; a larger one is not read whole into memory.
+MAX_CONFIG_BYTES = 1 << 20
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 # Config options whose non-default values change what the adapter computes.
@@ -43,7 +53,45 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA changes the adapter math",
     "monteclora_config": "MonteCLoRA changes the adapter math",
     "velora_config": "VeLoRA changes the adapter math",
+    "megatron_config": "Megatron parallel layers split the adapter across devices",
 }
+# Fields qlora reads.
+_USED = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+         "init_lora_weights"}
+# Fields that do not change what a trained adapter computes at inference, whatever their value:
+# metadata, which modules/layers were adapted (the tensors say which), training-only dropout,
+# runtime placement, options read only together with another option that is checked (the
+# Megatron module path, QA-LoRA's group size), and EVA's config (EVA only chooses the initial
+# A from activations; the base weight is untouched).
+_HARMLESS = {
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "target_modules", "exclude_modules", "lora_dropout",
+    "layers_to_transform", "layers_pattern", "runtime_config", "ensure_weight_tying",
+    "eva_config", "megatron_core", "qalora_group_size",
+}
+# init_lora_weights values that only choose the starting A and B. PiSSA, OLoRA, CorDA, LoRA-GA
+# and LoftQ also rewrite the base weight, so their adapters are only right on that rewritten
+# base (PEFT can convert them to plain LoRA on save; the config then says True).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Configs of those methods: harmless when empty, refused otherwise.
+_INIT_CONFIGS = {"loftq_config", "corda_config", "lora_ga_config"}
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (str, list, dict))
+                                               and not value)
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a finite float if it is a JSON number (not a bool) that is one, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # a JSON integer beyond the float range
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,8 +128,8 @@ def _pattern_value(patterns: dict, module: str, default: Any, field: str,
     for key, value in patterns.items():
         try:
             match = re.match(rf"(.*\.)?({key})$", module)
-        except re.error as exc:
-            raise ValueError(f"{config_path}: {field}: key {key!r} is not a valid regular "
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise ValueError(f"{config_path}: {field}: key {key!r:.80} is not a valid regular "
                              f"expression ({exc})") from None
         if match:
             return value
@@ -128,8 +176,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         If the folder or a file is missing or unreadable.
     ValueError
         If the config is not a LoRA config, uses DoRA, ``fan_in_fan_out`` or another option
-        that changes the math, or the tensors are inconsistent with it (the message names the
-        file and the field).
+        that changes the math, holds an option qlora does not know at a non-empty value, gives
+        a scaling float32 cannot hold, or the tensors are inconsistent with it (the message
+        names the file and the field).
 
     Examples
     --------
@@ -137,16 +186,21 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     >>> layers["model.layers.0.mlp.up_proj"].load_adapter(
     ...     adapters["model.layers.0.mlp.up_proj"])  # doctest: +SKIP
     """
-    folder = os.fspath(folder)
+    folder = check_path(folder, "folder")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: not a directory (expected a PEFT adapter folder)")
     config_path = os.path.join(folder, "adapter_config.json")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    require_regular_file(config_path)
+    with open(config_path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter "
+                         "config")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{config_path}: not valid UTF-8 JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: must hold a JSON object")
 
@@ -156,9 +210,24 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise bad("peft_type", f"only 'LORA' adapters are supported, got {peft_type!r}")
-    for key, why in _UNSUPPORTED.items():
-        if config.get(key):
-            raise bad(key, f"{why}; not supported by qlora")
+    for key, value in config.items():
+        if key in _UNSUPPORTED:
+            if not _is_empty(value):
+                raise bad(key, f"{value!r}: {_UNSUPPORTED[key]}; not supported by qlora")
+        elif key in _INIT_CONFIGS:
+            if not _is_empty(value):
+                raise bad(key, f"{value!r}: the adapter was initialised by a method that "
+                          "rewrites the base weight; qlora needs a plain LoRA adapter")
+        elif key not in _USED and key not in _HARMLESS and not _is_empty(value):
+            raise bad(key, f"unknown option with value {value!r}: it may change the math, so "
+                      "qlora refuses it (only empty values of unknown options are accepted)")
+    init = config.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise bad("init_lora_weights", f"{init!r} rewrites the base weight, so the adapter "
+                      "only fits that rewritten base; convert it to a plain LoRA with PEFT "
+                      "(path_initial_model_for_weight_conversion) first")
+        raise bad("init_lora_weights", f"must be one of {_PLAIN_INITS}, got {init!r}")
     if config.get("bias", "none") != "none":
         raise bad("bias", f"{config.get('bias')!r}: the adapter trains base-layer biases; only "
                   "'none' is supported")
@@ -166,9 +235,11 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     alpha = config.get("lora_alpha")
     if type(r) is not int or r < 1:
         raise bad("r", f"must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if _finite(alpha) is None:
         raise bad("lora_alpha", f"must be a finite number, got {alpha!r}")
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
+    if type(rslora) is not bool:
+        raise bad("use_rslora", f"must be true or false, got {rslora!r}")
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     for field, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
@@ -200,6 +271,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         a = _as_f32(st, keys["a"])
         b = _as_f32(st, keys["b"])
         rank = a.shape[0]
+        if rank < 1:
+            raise st.error(f"tensor {keys['a']!r} shape", f"must have at least one row "
+                           f"(rank >= 1), got {a.shape}")
         if b.shape[1] != rank:
             raise st.error(f"tensor {keys['b']!r} shape", f"must be (out_features, {rank}) to "
                            f"match lora_A {a.shape}, got {b.shape}")
@@ -208,11 +282,18 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         if type(mod_r) is not int or mod_r != rank:
             raise st.error(f"tensor {keys['a']!r} shape", f"has rank {rank} but the config "
                            f"gives module {module!r} r = {mod_r!r}")
-        if (isinstance(mod_alpha, bool) or not isinstance(mod_alpha, (int, float))
-                or not math.isfinite(mod_alpha) or mod_alpha <= 0):
+        alpha_f = _finite(mod_alpha)
+        if alpha_f is None or alpha_f <= 0:
             raise bad("alpha_pattern", f"module {module!r} gets lora_alpha {mod_alpha!r}; "
                       "must be a finite number > 0")
-        scaling = mod_alpha / math.sqrt(rank) if rslora else mod_alpha / rank
+        scaling = alpha_f / math.sqrt(rank) if rslora else alpha_f / rank
+        try:  # the core multiplies by it in float32
+            check_f32_range(scaling, "scaling", zero_ok=False)
+        except ValueError as exc:
+            what = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
+            rank_s = f"sqrt({rank})" if rslora else str(rank)
+            raise bad("lora_alpha", f"module {module!r}: {what} = {mod_alpha!r} / {rank_s}: "
+                      f"{exc}") from None
         out[module] = LoraWeights(module, a, b, float(scaling), rank)
     if not out:
         raise st.error("tensors", "the adapter holds no LoRA weights")

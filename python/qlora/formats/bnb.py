@@ -1,12 +1,10 @@
-"""bitsandbytes interoperability and double quantization, in NumPy only.
+"""bitsandbytes ``Linear4bit`` state dicts <-> qlora's NF4 weight and bias, in NumPy only.
 
-- :func:`create_dynamic_map` reimplements ``bitsandbytes.functional.create_dynamic_map`` bit
-  for bit (the 8-bit "dynamic" table the second quantization level uses).
-- :func:`double_quantize` stores per-group absmax as 8-bit codes over that table, one float32
-  scale per 256 groups and a float32 offset: the ``compress_statistics=True`` layout.
-- :func:`layer_from_bnb` / :func:`layer_to_bnb` read and write the state dict of a
-  ``bnb.nn.Linear4bit`` (keys and formats in ``shared/REFERENCE.md``), converting the flat
-  bitsandbytes nibble packing to qlora's packed rows and back, bit-exactly.
+:func:`weight_from_bnb` / :func:`weight_to_bnb` read and write the state dict of a
+``bnb.nn.Linear4bit`` (keys and formats in ``shared/REFERENCE.md``), converting the flat
+bitsandbytes nibble packing to qlora's packed rows and back, bit-exactly. They take and return
+:mod:`qlora._state` values (the double-quantization tables are built there); the layer wraps
+them.
 """
 
 from __future__ import annotations
@@ -17,141 +15,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import _core
-from ._validate import check_int, check_positive_float
+from .. import _core
+from .._state import NESTED_BLOCK, NF4_CODEBOOK, Nf4Weight, frozen
+from .._validate import check_f32_range, float32_matrix
 
-__all__ = ["create_dynamic_map", "double_quantize", "layer_from_bnb", "layer_to_bnb"]
+__all__ = ["BNB_BLOCKSIZES", "weight_from_bnb", "weight_to_bnb"]
 
 _F32 = np.dtype(np.float32)
-NESTED_BLOCK = int(_core.NESTED_BLOCK)
-NF4_CODEBOOK = np.array(_core.NF4_CODEBOOK, dtype=np.float32)
-NF4_CODEBOOK.setflags(write=False)
 # Block sizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """float32 ``torch.linspace`` as torch computes it on the CPU: a float32 step, the first
-    half ``start + step * i`` and the second half ``end - step * (steps - 1 - i)``, each one
-    fused multiply-add (emulated exactly in float64: the operands have few enough bits)."""
-    s0, s1 = np.float32(start), np.float32(end)
-    if steps == 1:
-        return np.array([s0], dtype=np.float32)
-    step = np.float64((s1 - s0) / np.float32(steps - 1))
-    idx = np.arange(steps, dtype=np.float64)
-    lo = (np.float64(s0) + step * idx).astype(np.float32)
-    hi = (np.float64(s1) - step * (steps - 1 - idx)).astype(np.float32)
-    return np.where(idx < steps // 2, lo, hi).astype(np.float32)
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                       total_bits: int = 8) -> np.ndarray:
-    """bitsandbytes' dynamic 8-bit quantization map, bit for bit, without torch.
-
-    For each exponent ``i`` in ``0 .. max_exponent_bits - 1`` the map holds the midpoints of
-    a float32 linspace over [0.1, 1] (``2**(i + non_sign_bits - max_exponent_bits) + 1``
-    points, twice as many when unsigned) scaled by ``10**(i - max_exponent_bits + 1)``, and
-    their negatives when ``signed``; then 0 and 1; zero padding to 256 entries; sorted.
-
-    Parameters
-    ----------
-    signed : bool, default True
-    max_exponent_bits : int, default 7
-    total_bits : int, default 8
-
-    Returns
-    -------
-    numpy.ndarray
-        float32, shape ``(max(256, 2**total_bits),)``, ascending (zero-padded to 256 entries,
-        as bitsandbytes does).
-    """
-    data: list[np.float32] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    i = 0
-    for i in range(max_exponent_bits):
-        if signed:
-            items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
-        else:
-            items = 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
-        data += _scaled_means(items, max_exponent_bits, i, signed)
-    if additional_items > 0:
-        data += _scaled_means(additional_items + 1, max_exponent_bits, i, signed)
-    data += [np.float32(0.0), np.float32(1.0)]
-    if len(data) != 2 ** total_bits:
-        raise ValueError(f"dynamic map has {len(data)} entries, expected {2 ** total_bits}")
-    data += [np.float32(0.0)] * (256 - len(data))  # bitsandbytes pads to 256 entries
-    return np.sort(np.array(data, dtype=np.float32))
-
-
-def _scaled_means(items: int, max_exponent_bits: int, i: int, signed: bool) -> list:
-    b = _linspace_f32(0.1, 1.0, items)
-    means = (b[:-1] + b[1:]) / np.float32(2.0)
-    v = (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).astype(np.float32)
-    out = list(v)
-    if signed:
-        out += list(-v)
-    return out
-
-
-DYNAMIC_MAP = create_dynamic_map()
-DYNAMIC_MAP.setflags(write=False)
-
-
-def dequantize_scales(qscales: np.ndarray, nested_scales: np.ndarray, nested_map: np.ndarray,
-                      offset: float) -> np.ndarray:
-    """``nested_map[q] * nested_scales[i // 256] + offset`` with two float32 roundings."""
-    rep = np.repeat(nested_scales, NESTED_BLOCK)[: qscales.size]
-    return (nested_map[qscales] * rep + np.float32(offset)).astype(np.float32)
-
-
-def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Quantize per-group scales as bitsandbytes' ``compress_statistics`` does, rounding to the
-    exactly nearest code.
-
-    ``offset = mean(absmax)`` (accumulated in float64, rounded to float32); the centred
-    ``absmax - offset`` (float32) is split into blocks of 256 whose float32 absmax is
-    ``nested_scales``; each scale gets the code ``q`` of :data:`DYNAMIC_MAP` whose decoded value
-    ``map[q] * nested + offset`` (float32, as the kernels decode it) is nearest to the original
-    absmax (ties to the lower code). bitsandbytes' own CPU quantizer uses a lookup table that is
-    off by one code on ~0.1% of values; importing its states stays exact, since the codes are
-    taken as they are.
-
-    Parameters
-    ----------
-    absmax : numpy.ndarray
-        float32 per-group scales, finite, non-empty.
-
-    Returns
-    -------
-    qscales : numpy.ndarray
-        uint8, same length as ``absmax``.
-    nested_scales : numpy.ndarray
-        float32, ``ceil(len(absmax) / 256)``.
-    nested_map : numpy.ndarray
-        float32 (256,), the dynamic map (shared, read-only).
-    offset : float
-        A float32 value.
-    """
-    absmax = np.ascontiguousarray(absmax, dtype=np.float32)
-    g = absmax.size
-    offset = np.float32(np.mean(absmax, dtype=np.float64))
-    centred = (absmax - offset).astype(np.float32)
-    nblocks = (g + NESTED_BLOCK - 1) // NESTED_BLOCK
-    padded = np.zeros(nblocks * NESTED_BLOCK, dtype=np.float32)
-    padded[:g] = centred
-    nested = np.abs(padded.reshape(nblocks, NESTED_BLOCK)).max(axis=1).astype(np.float32)
-    rep = np.repeat(nested, NESTED_BLOCK)[:g]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(rep > 0, centred.astype(np.float64) / rep, 0.0)
-    table = DYNAMIC_MAP
-    hi = np.clip(np.searchsorted(table, v, side="left"), 1, table.size - 1)
-    lo = hi - 1
-    dec_lo = (table[lo] * rep + offset).astype(np.float32).astype(np.float64)
-    dec_hi = (table[hi] * rep + offset).astype(np.float32).astype(np.float64)
-    target = absmax.astype(np.float64)
-    q = np.where(np.abs(dec_hi - target) < np.abs(dec_lo - target), hi, lo).astype(np.uint8)
-    return q, nested, DYNAMIC_MAP, float(offset)
 
 
 # ---------------------------------------------------------------------- bitsandbytes state dicts
@@ -210,16 +82,37 @@ def _read_quant_state(sd: Mapping[str, Any], prefix: str) -> dict:
 
 def _int_field(qs: dict, prefix: str, name: str) -> int:
     v = qs.get(name)
-    if type(v) is not int or v < 1:
-        raise _err(prefix, f"quant_state[{name!r}]", f"must be a positive integer, got {v!r}")
+    if type(v) is not int or not 1 <= v < 2 ** 62:  # the core takes int64
+        raise _err(prefix, f"quant_state[{name!r}]", f"must be a positive integer below "
+                   f"2**62, got {v!r:.40}")
     return v
 
 
-def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: int,
-                   alpha: float, seed: int) -> Any:
-    """Implementation of :meth:`QLoraLinear.from_bnb` (see there)."""
-    from ._layer import _frozen, _Nf4Parts, _new_lora
+def weight_from_bnb(state_dict: Mapping[str, Any],
+                    prefix: str) -> tuple[Nf4Weight, np.ndarray | None]:
+    """Read the NF4 weight and the bias of one ``Linear4bit`` from its state dict.
 
+    Parameters
+    ----------
+    state_dict : mapping of str to array_like
+    prefix : str
+        Prefix of the layer's keys.
+
+    Returns
+    -------
+    weight : Nf4Weight
+        Owning copies of the codes (converted to qlora's packed rows) and scales.
+    bias : numpy.ndarray or None
+        float32 (out_features,), read-only.
+
+    Raises
+    ------
+    TypeError
+        If ``state_dict`` is not a mapping or ``prefix`` not a str.
+    ValueError
+        If a key is missing, a shape or dtype disagrees with the quant state, or the state is
+        FP4, of an unknown quant type, or uses a codebook other than NF4.
+    """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to arrays, got "
                         f"{type(state_dict).__name__}")
@@ -239,12 +132,12 @@ def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: 
     n = out_features * in_features
     if n >= 2 ** 62:
         raise _err(prefix, "quant_state['shape']", f"{shape} is too large")
-    rank = check_int(rank, "rank", minimum=1, maximum=min(out_features, in_features))
-    alpha = check_positive_float(alpha, "alpha")
-    seed = check_int(seed, "seed", minimum=0)
     num_groups = -(-n // group_size)
 
     weight = _get(state_dict, prefix, "weight")
+    if weight.dtype.kind not in "biuf":
+        raise _err(prefix, "weight", f"must be packed 4-bit codes (uint8), got dtype "
+                   f"{weight.dtype}")
     if weight.dtype != np.uint8:
         # bitsandbytes may store the packed bytes in another dtype (quant_storage).
         weight = np.ascontiguousarray(weight).reshape(-1).view(np.uint8)
@@ -266,10 +159,18 @@ def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: 
             raise _err(prefix, "quant_state['nested_dtype']",
                        f"must be 'float32', got {qs.get('nested_dtype')!r}")
         offset = qs.get("nested_offset")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
-                or not math.isfinite(offset):
+        try:
+            finite = (not isinstance(offset, bool) and isinstance(offset, (int, float))
+                      and math.isfinite(offset))
+        except OverflowError:  # a JSON integer beyond the float range
+            finite = False
+        if not finite:
             raise _err(prefix, "quant_state['nested_offset']",
-                       f"must be a finite number, got {offset!r}")
+                       f"must be a finite number, got {offset!r:.40}")
+        try:  # the core adds it to every scale in float32
+            check_f32_range(float(offset), "nested_offset", zero_ok=True)
+        except ValueError as exc:
+            raise _err(prefix, "quant_state['nested_offset']", str(exc)) from None
         if nested_absmax is None:
             raise _err(prefix, "weight.nested_absmax", "missing (the quant state says "
                        "double quantization)")
@@ -294,22 +195,34 @@ def layer_from_bnb(cls: type, state_dict: Mapping[str, Any], prefix: str, rank: 
     _core.codes_from_bnb(flat, out_features, in_features, codes)
 
     def own(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else _frozen(np.array(a, copy=True))
+        return None if a is None else frozen(np.array(a, copy=True))
 
-    parts = _Nf4Parts(out_features, in_features, group_size, _frozen(codes), own(scales),
-                      own(qscales), own(nested_absmax), own(nmap),
-                      float(np.float32(offset)))
+    weight = Nf4Weight(out_features, in_features, group_size, frozen(codes), own(scales),
+                       own(qscales), own(nested_absmax), own(nmap), float(np.float32(offset)))
+    if nested and not np.isfinite(weight.decoded_scales()).all():
+        raise _err(prefix, "weight.nested_quant_map", "nested_quant_map * nested_absmax + "
+                   "nested_offset overflows float32: the decoded absmax hold inf")
     bias = _get(state_dict, prefix, "bias", required=False)
-    bias_arr = None if bias is None else cls._check_bias(bias, out_features)
-    lora = _new_lora(rank, alpha, seed, out_features, in_features)
-    return cls._from_parts(parts, lora, bias_arr)
+    if bias is not None:
+        try:
+            bias = float32_matrix(bias, "bias", (out_features,))
+        except (TypeError, ValueError) as exc:  # a state dict's content: always ValueError
+            raise _err(prefix, "bias", str(exc)) from None
+    return weight, bias
 
 
-def layer_to_bnb(layer: Any, prefix: str) -> dict[str, np.ndarray]:
-    """Implementation of :meth:`QLoraLinear.to_bnb` (see there)."""
+def weight_to_bnb(w: Nf4Weight, bias: np.ndarray | None, prefix: str) -> dict[str, np.ndarray]:
+    """The ``Linear4bit`` state dict of an NF4 weight and bias (new arrays).
+
+    Raises
+    ------
+    TypeError
+        If ``prefix`` is not a str.
+    ValueError
+        If the group size is not a block size bitsandbytes accepts.
+    """
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    w = layer._w
     if w.group_size not in BNB_BLOCKSIZES:
         raise ValueError(f"group_size {w.group_size} cannot be exported: bitsandbytes accepts "
                          f"block sizes {BNB_BLOCKSIZES}")
@@ -317,8 +230,8 @@ def layer_to_bnb(layer: Any, prefix: str) -> dict[str, np.ndarray]:
     flat = np.empty((n + 1) // 2, dtype=np.uint8)
     _core.codes_to_bnb(w.codes, w.out_features, w.in_features, flat)
     sd: dict[str, np.ndarray] = {prefix + "weight": flat.reshape(-1, 1)}
-    if layer._bias is not None:
-        sd[prefix + "bias"] = layer._bias.copy()
+    if bias is not None:
+        sd[prefix + "bias"] = np.array(bias, dtype=np.float32, copy=True)
     qs: dict[str, Any] = {"quant_type": "nf4", "blocksize": w.group_size, "dtype": "float32",
                           "shape": [w.out_features, w.in_features]}
     if w.qscales is None:

@@ -1,16 +1,17 @@
-"""The ``qlora`` command line. Each subcommand lives in its own module with ``register(sub)``
-adding its parser and setting ``func``; this file only assembles them."""
+"""Assembles the ``qlora`` command line. Each subcommand lives in its own module with
+``register(sub)`` adding its parser and setting ``func``; this file only assembles them and
+turns a TypeError/ValueError/OSError into exit status 2 with a message."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import _cli_bench, _cli_demo, _cli_inspect, _cli_quantize
+from . import bench, demo, inspect, quantize
 
 __all__ = ["main"]
 
-_COMMANDS = [_cli_demo, _cli_bench, _cli_quantize, _cli_inspect]
+_COMMANDS = [demo, bench, quantize, inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,15 +19,13 @@ import time
 
 import numpy as np
 
-from ._io import SUFFIXES, layer_tensors, layers_metadata
-from ._layer import QLoraLinear
-from ._safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
+from .._layer import QLoraLinear, layer_states
+from ..formats.files import SUFFIXES, layer_tensors, layers_metadata
+from ..formats.safetensors import SafetensorsFile, bf16_to_float32, write_safetensors
+from .common import (DEFAULT_SKIP, FLOAT_DTYPES, check_input, human, nonneg_int, positive_float,
+                     positive_int, select)
 
-__all__ = ["register", "DEFAULT_SKIP"]
-
-# Matched (re.search, case-insensitive) against tensor names.
-DEFAULT_SKIP = r"embed|norm|lm_head|(^|\.)(wte|wpe|ln_[^.]*|ln)(\.|$)"
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+__all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,29 +39,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IN.safetensors")
     p.add_argument("output", metavar="OUT.safetensors")
-    p.add_argument("--group-size", type=int, default=64, help="elements per absmax group (64)")
+    p.add_argument("--group-size", type=positive_int, default=64,
+                   help="elements per absmax group (64)")
     p.add_argument("--double-quant", action="store_true",
                    help="double-quantize the group scales (~4.13 instead of 4.5 bits/param)")
-    p.add_argument("--rank", type=int, default=8,
+    p.add_argument("--rank", type=positive_int, default=8,
                    help="LoRA rank (8; lowered to min(out, in) for smaller matrices)")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA A initialisation")
+    p.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha (16)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the LoRA A initialisation")
     p.add_argument("--include", metavar="REGEX", help="only quantize tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="never quantize tensors whose name matches")
     p.add_argument("--all-matrices", action="store_true",
                    help=f"do not apply the default skip rule /{DEFAULT_SKIP}/")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=run)
-
-
-def check_input(path: str) -> None:
-    """Raise a clear OSError/ValueError for a missing file, a directory or a non-file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: is a directory, expected a .safetensors file")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: not a regular file, expected a .safetensors file")
 
 
 def _regex(text: str | None, option: str) -> re.Pattern | None:
@@ -75,37 +64,11 @@ def _regex(text: str | None, option: str) -> re.Pattern | None:
         raise ValueError(f"{option} {text!r} is not a valid regular expression ({exc})") from None
 
 
-def select(st: SafetensorsFile, include: re.Pattern | None, exclude: re.Pattern | None,
-           default_skip: bool) -> list[str]:
-    """Names of the tensors to quantize, in file order."""
-    skip = re.compile(DEFAULT_SKIP, re.IGNORECASE) if default_skip else None
-    chosen = []
-    for name, info in sorted(st.tensors.items(), key=lambda kv: kv[1].begin):
-        if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES or 0 in info.shape:
-            continue
-        if include is not None and not include.search(name):
-            continue
-        if exclude is not None and exclude.search(name):
-            continue
-        if skip is not None and skip.search(name):
-            continue
-        chosen.append(name)
-    return chosen
-
-
 def as_float32(st: SafetensorsFile, name: str) -> np.ndarray:
     arr = st.array(name)
     if st.tensors[name].dtype == "BF16":
         return bf16_to_float32(arr)
     return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output}: already exists (use --force to overwrite)")
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory does not exist")
-    if args.group_size < 1:
-        raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
-    if args.rank < 1:
-        raise ValueError(f"--rank must be >= 1, got {args.rank}")
     include = _regex(args.include, "--include")
     exclude = _regex(args.exclude, "--exclude")
 
@@ -162,19 +121,21 @@ def run(args: argparse.Namespace) -> int:
         del deq, w
         layers[layer_name] = layer
         consumed.add(name)
-        after = sum(a.nbytes for _, a, _ in layer_tensors(layer_name, layer))
+        state = layer_states({layer_name: layer})[layer_name]
+        after = sum(a.nbytes for _, a, _ in layer_tensors(layer_name, state))
         before = info.nbytes + (b_info.nbytes if bias is not None else 0)
         rows.append((layer_name, f"{info.shape[0]}x{info.shape[1]}", info.dtype, rel, before,
                      after))
         done_bytes += info.nbytes
         pct = 100.0 * done_bytes / total_bytes if total_bytes else 100.0
-        print(f"[{i}/{len(names)}] {pct:5.1f}% {_human(done_bytes)}/{_human(total_bytes)}  "
+        print(f"[{i}/{len(names)}] {pct:5.1f}% {human(done_bytes)}/{human(total_bytes)}  "
               f"{layer_name} {info.shape[0]}x{info.shape[1]} {info.dtype}  "
               f"rel.err {rel:.4f}", file=sys.stderr, flush=True)
 
+    states = layer_states(layers)
     tensors: list[tuple] = []
-    for name, layer in layers.items():
-        tensors += layer_tensors(name, layer)
+    for name, state in states.items():
+        tensors += layer_tensors(name, state)
     # Every key a layer may own: a carried-over tensor under one of them would be misread.
     taken = {f"{name}.{s}" for name in layers for s in SUFFIXES}
     carried = []
@@ -184,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
         if name in taken:
             raise ValueError(f"{args.input}: tensor {name!r} would collide with a tensor of a "
                              "quantized layer; exclude that layer or rename the tensor")
-        # Raw bytes under the original dtype name and shape: BF16 and 8-bit floats included.
+        # Raw bytes under the original dtype name and shape: BF16, 8-, 6- and 4-bit floats
+        # and complex64 included, byte-exact.
         tensors.append((name, st.raw(name), info.dtype, info.shape))
         carried.append(name)
-    meta = layers_metadata(layers)
+    meta = layers_metadata(states)
     if st.metadata:
         meta["source_metadata"] = json.dumps(st.metadata)
     print(f"writing {args.output} ...", file=sys.stderr, flush=True)
@@ -203,12 +165,12 @@ def _summary(rows, carried, st, size, elapsed, args) -> None:
     print(f"{'layer':<{width}}  {'shape':>11}  {'dtype':>5}  {'rel.err':>7}  "
           f"{'before':>10}  {'after':>10}")
     for name, shape, dtype, rel, before, after in rows:
-        print(f"{name:<{width}}  {shape:>11}  {dtype:>5}  {rel:7.4f}  {_human(before):>10}  "
-              f"{_human(after):>10}")
+        print(f"{name:<{width}}  {shape:>11}  {dtype:>5}  {rel:7.4f}  {human(before):>10}  "
+              f"{human(after):>10}")
     q_before = sum(r[4] for r in rows)
     q_after = sum(r[5] for r in rows)
-    print(f"quantized {len(rows)} matrices ({_human(q_before)} -> {_human(q_after)}, "
+    print(f"quantized {len(rows)} matrices ({human(q_before)} -> {human(q_after)}, "
           f"group size {args.group_size}{', double quant' if args.double_quant else ''}); "
           f"carried over {len(carried)} tensors unchanged")
     ratio = size / st.file_size if st.file_size else 0.0
-    print(f"file: {_human(st.file_size)} -> {_human(size)} ({ratio:.1%}) in {elapsed:.1f} s")
+    print(f"file: {human(st.file_size)} -> {human(size)} ({ratio:.1%}) in {elapsed:.1f} s")

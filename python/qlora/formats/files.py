@@ -1,4 +1,4 @@
-"""qlora's own file format: layers in one safetensors file.
+"""qlora's own file format: layer states (:mod:`qlora._state`) in one safetensors file, and back.
 
 Tensors of a layer named ``NAME`` (any string; dots allowed):
 
@@ -17,6 +17,9 @@ refused rather than misread), and ``layers``: JSON
 ``{NAME: {out_features, in_features, group_size, rank, alpha, scaling, double_quant,
 nested_offset, bias}}``. Other tensors may share the file (``qlora quantize`` carries the
 checkpoint's non-matrix tensors over); the loader ignores them after validating them.
+
+This module converts :class:`qlora._state.LayerState` values; ``qlora.save_layers`` and
+``qlora.load_layers`` (in the layer module) wrap them in ``QLoraLinear``.
 """
 
 from __future__ import annotations
@@ -25,15 +28,17 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from . import _core
-from ._safetensors import SafetensorsFile, _no_duplicates, write_safetensors
+from .. import _core
+from .._state import Adapter, LayerState, Nf4Weight, make_state
+from .._validate import check_f32_range
+from .safetensors import SafetensorsFile, no_duplicates, write_safetensors
 
-__all__ = ["save_layers", "load_layers", "layer_tensors", "layers_metadata", "FORMAT_NAME",
-           "FORMAT_VERSION"]
+__all__ = ["CODES_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "SUFFIXES", "layer_tensors",
+           "layers_metadata", "read_layers", "read_layers_metadata", "write_layers"]
 
 FORMAT_NAME = "qlora"
 FORMAT_VERSION = "1"
@@ -60,29 +65,11 @@ SUFFIXES = ("codes", "scales", "qscales", "nested_scales", "nested_map", "lora_a
             "bias")
 # Dimensions above this are refused before anything is computed from them.
 MAX_DIM = 1 << 31
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _check_layers(layers: object) -> dict:
-    from ._layer import QLoraLinear
-
-    if not isinstance(layers, Mapping):
-        raise TypeError(f"layers must be a mapping of names to QLoraLinear, got "
-                        f"{type(layers).__name__}")
-    if not layers:
-        raise ValueError("layers must hold at least one layer")
-    for name, layer in layers.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"layer names must be non-empty strings, got {name!r}")
-        if not isinstance(layer, QLoraLinear):
-            raise TypeError(f"layers[{name!r}] must be a QLoraLinear, got "
-                            f"{type(layer).__name__}")
-    return dict(layers)
-
-
-def layer_tensors(name: str, layer: Any) -> list[tuple[str, np.ndarray, None]]:
+def layer_tensors(name: str, state: LayerState) -> list[tuple[str, np.ndarray, None]]:
     """The (key, array, None) tensors of one layer, for :func:`write_safetensors`."""
-    w, lora = layer._w, layer._lora
+    w, lora = state.weight, state.lora
     row_bytes = w.codes.size // w.out_features
     out = [(f"{name}.codes", np.asarray(w.codes).reshape(w.out_features, row_bytes), None)]
     if w.qscales is None:
@@ -92,55 +79,30 @@ def layer_tensors(name: str, layer: Any) -> list[tuple[str, np.ndarray, None]]:
                 (f"{name}.nested_scales", np.asarray(w.nested_scales), None),
                 (f"{name}.nested_map", np.asarray(w.nested_map), None)]
     out += [(f"{name}.lora_a", lora.a, None), (f"{name}.lora_b", lora.b, None)]
-    if layer._bias is not None:
-        out.append((f"{name}.bias", layer._bias, None))
+    if state.bias is not None:
+        out.append((f"{name}.bias", state.bias, None))
     return out
 
 
-def layers_metadata(layers: Mapping[str, Any]) -> dict[str, str]:
-    """The ``__metadata__`` describing ``layers``."""
+def layers_metadata(states: Mapping[str, LayerState]) -> dict[str, str]:
+    """The ``__metadata__`` describing the layers ``states``."""
     info = {}
-    for name, layer in layers.items():
-        w = layer._w
+    for name, state in states.items():
+        w, lora = state.weight, state.lora
         info[name] = {
             "out_features": w.out_features, "in_features": w.in_features,
-            "group_size": w.group_size, "rank": layer.rank, "alpha": layer.alpha,
-            "scaling": layer.scaling, "double_quant": w.qscales is not None,
-            "nested_offset": float(w.nested_offset), "bias": layer._bias is not None,
+            "group_size": w.group_size, "rank": lora.rank, "alpha": lora.scaling * lora.rank,
+            "scaling": lora.scaling, "double_quant": w.qscales is not None,
+            "nested_offset": float(w.nested_offset), "bias": state.bias is not None,
         }
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "codes_layout": CODES_LAYOUT, "layers": json.dumps(info)}
 
 
-def save_layers(path: str | os.PathLike, layers: Mapping[str, Any]) -> None:
-    """Save several layers to one safetensors file.
-
-    The file is written to a temporary name in the same directory and renamed over ``path``,
-    so an interrupted save never leaves a half-written file.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    layers : mapping of str to QLoraLinear
-        Non-empty; names are any non-empty strings (module paths such as
-        ``"model.layers.0.mlp.up_proj"`` are typical).
-
-    Raises
-    ------
-    TypeError
-        If ``layers`` is not a mapping of QLoraLinear.
-    ValueError
-        If it is empty or a name is empty.
-    OSError
-        If the file cannot be written.
-
-    Examples
-    --------
-    >>> qlora.save_layers("model.qlora.safetensors", {"up": up, "down": down})  # doctest: +SKIP
-    """
-    layers = _check_layers(layers)
-    tensors = [t for name, layer in layers.items() for t in layer_tensors(name, layer)]
-    write_safetensors(path, tensors, layers_metadata(layers))
+def write_layers(path: str | os.PathLike, states: Mapping[str, LayerState]) -> None:
+    """Write layer states (names already checked) to one safetensors file, atomically."""
+    tensors = [t for name, state in states.items() for t in layer_tensors(name, state)]
+    write_safetensors(path, tensors, layers_metadata(states))
 
 
 class _Reader:
@@ -161,11 +123,18 @@ class _Reader:
 
     def meta_float(self, name: str, info: dict, key: str, positive: bool) -> float:
         v = info.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or abs(v) > _F32_MAX or (positive and v <= 0):
+        try:
+            finite = (not isinstance(v, bool) and isinstance(v, (int, float))
+                      and math.isfinite(v))
+        except OverflowError:  # a JSON integer beyond the float range
+            finite = False
+        if not finite or (positive and v <= 0):
             need = "a finite float32 number" + (" > 0" if positive else "")
-            raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r}")
-        return float(v)
+            raise self.fail(f"layers[{name!r}].{key}", f"must be {need}, got {v!r:.40}")
+        try:  # the core computes with it in float32
+            return check_f32_range(float(v), key, zero_ok=not positive)
+        except (ValueError, OverflowError) as exc:
+            raise self.fail(f"layers[{name!r}].{key}", str(exc)) from None
 
     def meta_bool(self, name: str, info: dict, key: str) -> bool:
         v = info.get(key)
@@ -189,9 +158,7 @@ class _Reader:
             raise self.fail(f"tensor {key!r}", "holds NaN or Inf")
         return arr
 
-    def layer(self, name: str, info: object) -> Any:
-        from ._layer import QLoraLinear, _Lora, _Nf4Parts
-
+    def layer(self, name: str, info: object) -> LayerState:
         if not isinstance(info, dict):
             raise self.fail(f"layers[{name!r}]", "must be a JSON object")
         out_f = self.meta_int(name, info, "out_features", 1, MAX_DIM)
@@ -199,6 +166,8 @@ class _Reader:
         gs = self.meta_int(name, info, "group_size", 1, 1 << 62)
         rank = self.meta_int(name, info, "rank", 1, MAX_DIM)
         scaling = self.meta_float(name, info, "scaling", positive=True)
+        if "alpha" in info:  # informative only (alpha = scaling * rank), but never nonsense
+            self.meta_float(name, info, "alpha", positive=True)
         dq = self.meta_bool(name, info, "double_quant")
         has_bias = self.meta_bool(name, info, "bias")
         offset = self.meta_float(name, info, "nested_offset", positive=False) if dq else 0.0
@@ -233,10 +202,12 @@ class _Reader:
                 key = f"{name}.{s}"
                 raise self.fail(f"tensor {key!r}", "is present but the metadata of layer "
                                 f"{name!r} does not call for it")
-        parts = _Nf4Parts(out_f, in_f, gs, codes, scales, qs, ns, nm,
-                          float(np.float32(offset)))
+        weight = Nf4Weight(out_f, in_f, gs, codes, scales, qs, ns, nm, float(np.float32(offset)))
+        if dq and not np.isfinite(weight.decoded_scales()).all():
+            raise self.fail(f"tensor {name + '.nested_map'!r}", "nested_map * nested_scales + "
+                            "nested_offset overflows float32: the decoded scales hold inf")
         try:
-            return QLoraLinear._from_parts(parts, _Lora(a, b, scaling), bias)
+            return make_state(weight, Adapter(a, b, scaling), bias)
         except ValueError as exc:  # the core's own checks; should not trigger after ours
             raise self.fail(f"layers[{name!r}]", str(exc)) from None
 
@@ -256,7 +227,7 @@ def read_layers_metadata(st: SafetensorsFile) -> dict:
     if layout != CODES_LAYOUT:
         raise st.error("__metadata__.codes_layout", f"must be {CODES_LAYOUT!r}, got {layout!r}")
     try:
-        layers = json.loads(meta.get("layers", ""), object_pairs_hook=_no_duplicates)
+        layers = json.loads(meta.get("layers", ""), object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as exc:
         raise st.error("__metadata__.layers", f"not valid JSON ({exc})") from None
     if not isinstance(layers, dict) or not layers:
@@ -264,8 +235,8 @@ def read_layers_metadata(st: SafetensorsFile) -> dict:
     return layers
 
 
-def load_layers(path: str | os.PathLike, *, mmap: bool = True) -> dict:
-    """Load every layer of a file written by :func:`save_layers` or ``qlora quantize``.
+def read_layers(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, LayerState]:
+    """Read every layer state of a file written by ``qlora.save_layers`` or ``qlora quantize``.
 
     Every count, size, dtype and shape is checked against the metadata and the file size
     before any data is touched; nothing is unpickled.
@@ -280,7 +251,7 @@ def load_layers(path: str | os.PathLike, *, mmap: bool = True) -> dict:
 
     Returns
     -------
-    dict of str to QLoraLinear
+    dict of str to LayerState
         In the order the metadata lists them.
 
     Raises
@@ -291,8 +262,6 @@ def load_layers(path: str | os.PathLike, *, mmap: bool = True) -> dict:
         If it is not a valid qlora safetensors file; the message names the file and the
         field (header length, a tensor's offsets or shape, a layer's group size, ...).
     """
-    if not isinstance(mmap, (bool, np.bool_)):
-        raise TypeError(f"mmap must be a bool, got {type(mmap).__name__}")
     st = SafetensorsFile(path, mmap=bool(mmap))
     reader = _Reader(st)
     return {name: reader.layer(name, info)

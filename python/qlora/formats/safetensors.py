@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import mmap as _mmap
 import os
+import stat
 import struct
 import tempfile
 from typing import IO, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-__all__ = ["SafetensorsFile", "TensorInfo", "write_safetensors", "bf16_to_float32"]
+__all__ = ["SafetensorsFile", "TensorInfo", "bf16_to_float32", "bits_of", "nbytes_of",
+           "no_duplicates", "require_regular_file", "write_safetensors"]
 
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -39,8 +41,19 @@ _DTYPES: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-# Names the format defines whose data we can carry and measure but not interpret.
-_OPAQUE_ITEMSIZE = {"F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+# Every dtype the format defines, by bits per element. Those without a NumPy dtype above (8-,
+# 6- and 4-bit floats, complex64) are carried and measured but never interpreted: their bytes
+# can be copied (`raw`) byte-exactly. A tensor of `n` elements of `b` bits takes
+# ceil(n * b / 8) bytes (sub-byte elements are packed, the last byte padded).
+#
+# A dtype name not in this table is refused with an error naming the tensor and the dtype: its
+# element width is unknown, so its byte size, and thus its offsets, could not be checked, and
+# a file we cannot check is not carried through.
+_BITS: dict[str, int] = {
+    **{name: 8 * dt.itemsize for name, dt in _DTYPES.items()},
+    "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64,
+}
 
 _NUMPY_TO_ST = {
     np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
@@ -50,11 +63,25 @@ _NUMPY_TO_ST = {
 }
 
 
-def itemsize_of(dtype: str) -> int | None:
-    """Bytes per element of a safetensors dtype name, or None if unknown."""
-    if dtype in _DTYPES:
-        return _DTYPES[dtype].itemsize
-    return _OPAQUE_ITEMSIZE.get(dtype)
+def require_regular_file(path: str) -> None:
+    """Raise ValueError unless `path` (after symlinks) is a regular file: a FIFO would block
+    ``open`` forever and a device such as /dev/zero would be read without end. OSError if it
+    does not exist."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path}: is a directory, expected a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket)")
+
+
+def bits_of(dtype: str) -> int | None:
+    """Bits per element of a safetensors dtype name, or None if the name is unknown."""
+    return _BITS.get(dtype)
+
+
+def nbytes_of(dtype: str, count: int) -> int:
+    """Bytes of `count` elements of a known dtype: ``ceil(count * bits / 8)``."""
+    return -(-count * _BITS[dtype] // 8)
 
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
@@ -76,7 +103,8 @@ class TensorInfo(NamedTuple):
         return self.end - self.begin
 
 
-def _no_duplicates(pairs: list) -> dict:
+def no_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` for json.loads: a key given twice is a ValueError."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
@@ -113,6 +141,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike, *, mmap: bool = True,
                  header_only: bool = False) -> None:
         self.path = os.fspath(path)
+        require_regular_file(self.path)
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self.file_size = size
@@ -154,7 +183,7 @@ class SafetensorsFile:
             raise self.error("header", f"expected {n} bytes, read {len(raw)}")
         try:
             text = raw.decode("utf-8")
-            header = json.loads(text, object_pairs_hook=_no_duplicates)
+            header = json.loads(text, object_pairs_hook=no_duplicates)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise self.error("header", f"not valid UTF-8 JSON ({exc})") from None
         if not isinstance(header, dict):
@@ -194,9 +223,11 @@ class SafetensorsFile:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str):
             raise self.error(f"{field} dtype", f"must be a string, got {dtype!r}")
-        itemsize = itemsize_of(dtype)
-        if itemsize is None:
-            raise self.error(f"{field} dtype", f"unknown dtype {dtype!r}")
+        bits = bits_of(dtype)
+        if bits is None:
+            raise self.error(f"{field} dtype", f"unknown dtype {dtype!r}: its element size "
+                             f"is unknown, so its data_offsets cannot be checked (known: "
+                             f"{', '.join(sorted(_BITS))})")
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
                 or not all(_is_int(d) and d >= 0 for d in shape)):
             raise self.error(f"{field} shape", f"must be a list of at most {MAX_NDIM} "
@@ -213,11 +244,12 @@ class SafetensorsFile:
         for d in shape:  # Python ints: no overflow (at most 16 factors)
             count *= d
             nonzero *= max(d, 1)
-        if nonzero * itemsize >= 2 ** 63:  # NumPy cannot even describe such an array
+        if nonzero * bits >= 2 ** 66:  # NumPy cannot even describe such an array
             raise self.error(f"{field} shape", f"{shape} is too large")
-        if count * itemsize != end - begin:
+        need = nbytes_of(dtype, count)
+        if need != end - begin:
             raise self.error(f"{field} shape", f"shape {shape} of {dtype} needs "
-                             f"{count * itemsize} bytes, but data_offsets give {end - begin}")
+                             f"{need} bytes, but data_offsets give {end - begin}")
         return TensorInfo(name, dtype, tuple(shape), begin, end)
 
     # ------------------------------------------------------------------ data
@@ -229,7 +261,7 @@ class SafetensorsFile:
         KeyError
             If there is no such tensor.
         ValueError
-            If its dtype has no NumPy equivalent (8-bit floats).
+            If its dtype has no NumPy equivalent (8-, 6- and 4-bit floats, complex64).
         """
         info = self.tensors[name]
         if self._buffer is None:
@@ -250,7 +282,7 @@ class SafetensorsFile:
         return arr
 
     def raw(self, name: str) -> np.ndarray:
-        """The bytes of tensor ``name`` as a read-only uint8 view (any dtype, even 8-bit floats)."""
+        """The bytes of tensor ``name`` as a read-only uint8 view (any dtype, sub-byte ones too)."""
         info = self.tensors[name]
         if self._buffer is None:
             raise RuntimeError("opened with header_only=True")
@@ -285,8 +317,9 @@ def write_safetensors(
     path : str or os.PathLike
     tensors : iterable of (name, array, dtype_name_or_None) or (name, array, dtype_name, shape)
         ``dtype_name`` overrides the stored dtype name (e.g. ``"BF16"`` for raw uint16 data);
-        with a ``shape`` the array is raw bytes of that shape and dtype. Tensors are laid out
-        widest dtype first, so every tensor is aligned to its itemsize.
+        with a ``shape`` the array is raw bytes of that shape and dtype (``ceil(elements *
+        bits / 8)`` bytes). Tensors are laid out widest dtype first, so every tensor of a
+        NumPy dtype is aligned to its itemsize.
     metadata : mapping of str to str, optional
 
     Returns
@@ -302,10 +335,10 @@ def write_safetensors(
         arr = np.asarray(arr)
         st = _st_dtype(arr, declared)
         shape = tuple(int(d) for d in (entry[3] if len(entry) > 3 else arr.shape))
-        size = itemsize_of(st)
-        if size is None or int(np.prod(shape, dtype=object)) * size != arr.nbytes:
+        bits = bits_of(st)
+        if bits is None or nbytes_of(st, int(np.prod(shape, dtype=object))) != arr.nbytes:
             raise ValueError(f"tensor {name!r}: {arr.nbytes} bytes do not make {st} {shape}")
-        items.append((name, arr, st, shape, size))
+        items.append((name, arr, st, shape, bits))
     names = [t[0] for t in items]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names")
