@@ -176,7 +176,7 @@ GemmChoice forward(const Nf4Weight& w, const float* x, int64_t batch, const Lora
   constexpr int64_t kKeepFloats = int64_t{1} << 18;
   float* u = nullptr;
   if (u_total <= kKeepFloats) {
-    if (u_keep.size() < static_cast<size_t>(u_total)) u_keep.resize(static_cast<size_t>(kKeepFloats));
+    if (u_keep.size() < static_cast<size_t>(u_total)) u_keep.resize(static_cast<size_t>(u_total));
     u = u_keep.data();
   } else {
     u_big.resize(static_cast<size_t>(u_total));
