@@ -23,6 +23,7 @@ LEVELS = [
     ("qlora._runtime", 2),
     ("qlora._precision", 1),
     ("qlora.formats", 3),
+    ("qlora._adapters", 3.5),  # named adapters and mixed batches: the layer's mixin
     ("qlora._layer", 4),
     ("qlora._layers", 5),  # save_layers / load_layers: several layers, built on the layer
     ("qlora.cli", 6),

@@ -16,9 +16,8 @@ have been seen:
 The expected outputs of every reachable state are computed serially before the threads start
 (36 states x 6 input shapes per layer), hashed, and each concurrent result must be one of them.
 
-``PRECISIONS`` lists the forward's compute precisions; ``None`` is the default call. When the
-``precision=`` keyword lands, add ``"bf16"`` and ``"int8"`` there: the expected states are
-computed with the same precision, so the check stays exact.
+``PRECISIONS`` lists the forward's compute precisions; ``None`` is the default call. The
+expected states are computed with the same precision, so the check stays exact.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import pytest
 import qlora
 from qlora import QLoraLinear
 
-PRECISIONS = [None]  # add "bf16", "int8" with the precision keyword
+PRECISIONS = [None, "bf16", "int8"]
 
 # (out_features, in_features, group_size, double_quant): odd sizes, partial groups, groups
 # straddling rows, double quantization, and one layer large enough to use the thread pool.
