@@ -122,3 +122,11 @@ def test_bench_plot_into_a_missing_directory(tmp_path, capsys):
     rc = main(["bench", "--batch", "1", "--plot", str(tmp_path / "nope" / "b.png")])
     assert rc == 2
     assert "--plot" in capsys.readouterr().err
+
+
+def test_bench_plot_and_adapters_exclude_each_other(tmp_path, capsys):
+    rc = main(["bench", "--adapters", "1", "--plot", str(tmp_path / "b.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and "--adapters" in err
+    assert not (tmp_path / "b.png").exists()
