@@ -16,6 +16,7 @@
 #include "qlora/nf4.h"
 #include "qlora/ops.h"
 #include "qlora/thread_pool.h"
+#include "nf4_tensor.h"
 
 // Formats the message only on failure: these checks run on every forward, and building their
 // strings eagerly (std::to_string and concatenations, dozens of allocations) was a large part
@@ -42,56 +43,7 @@ void require_writable(const py::array& a, const char* name) {
   QLORA_REQUIRE(a.writeable(), std::string(name) + " must be writable");
 }
 
-// An immutable quantized weight: the arrays it was built from stay referenced here, so a
-// forward running without the GIL can never see them freed.
-class Nf4Tensor {
- public:
-  Nf4Tensor(U8 codes, std::optional<F32> scales, std::optional<U8> qscales,
-            std::optional<F32> nested_scales, std::optional<F32> nested_map, float nested_offset,
-            int64_t out_features, int64_t in_features, int64_t group_size)
-      : codes_(std::move(codes)) {
-    w_.out_features = out_features;
-    w_.in_features = in_features;
-    w_.group_size = group_size;
-    const int64_t n = qlora::checked_mul(out_features, in_features, "out_features * in_features");
-    w_.num_groups = qlora::group_count(n, group_size);
-    require_size(codes_, qlora::packed_bytes(out_features, in_features), "codes");
-    w_.codes = codes_.data();
-    if (scales) {
-      QLORA_REQUIRE(!qscales && !nested_scales && !nested_map,
-                    "give either scales or the double-quantized scales, not both");
-      scales_ = *scales;
-      require_size(scales_, w_.num_groups, "scales");
-      w_.scales = scales_.data();
-    } else {
-      QLORA_REQUIRE(qscales && nested_scales && nested_map,
-                    "double-quantized scales need qscales, nested_scales and nested_map");
-      qscales_ = *qscales;
-      nested_scales_ = *nested_scales;
-      nested_map_ = *nested_map;
-      require_size(qscales_, w_.num_groups, "qscales");
-      require_size(nested_scales_, (w_.num_groups - 1) / qlora::kNestedBlock + 1, "nested_scales");
-      require_size(nested_map_, 256, "nested_map");
-      w_.qscales = qscales_.data();
-      w_.nested_scales = nested_scales_.data();
-      w_.nested_map = nested_map_.data();
-      w_.nested_offset = nested_offset;
-    }
-    qlora::validate_weight(w_);
-  }
-  const qlora::Nf4Weight& view() const { return w_; }
-  int64_t out_features() const { return w_.out_features; }
-  int64_t in_features() const { return w_.in_features; }
-  int64_t group_size() const { return w_.group_size; }
-  int64_t num_groups() const { return w_.num_groups; }
-
- private:
-  U8 codes_;
-  F32 scales_;
-  U8 qscales_;
-  F32 nested_scales_, nested_map_;
-  qlora::Nf4Weight w_;
-};
+using qlora_bindings::Nf4Tensor;
 
 void quantize(const F32& w, int64_t group_size, U8& codes, F32& absmax) {
   QLORA_REQUIRE(w.ndim() == 2, "weight must be 2-D, got " + std::to_string(w.ndim()) + "-D");
@@ -414,4 +366,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &qlora::get_num_threads);
   m.def("set_num_threads", &qlora::set_num_threads, py::arg("n"));
   m.def("default_num_threads", &qlora::default_num_threads);
+  register_train(m);
 }

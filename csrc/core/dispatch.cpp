@@ -139,7 +139,7 @@ const std::vector<Resolved>& resolved_all() {
       Resolved r;
       r.chain.assign(sup.begin() + static_cast<std::ptrdiff_t>(i), sup.end());
       r.table = *sup[i];
-      r.table.col_block = 0;
+      r.table.gemm_nf4t_f32 = nullptr;  // filled with its col_block from the first ISA that has one
       for (const KernelTable* t : r.chain) {
         KernelTable& d = r.table;
         fill(d.group_absmax, t->group_absmax);

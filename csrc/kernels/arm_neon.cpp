@@ -566,6 +566,171 @@ void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
+// ---------------------------------------------------------------- gemm_nf4t_f32
+// The backward's dx = g @ deq(W) over a column range. Every dx element is one fused
+// multiply-add chain over the rows o of W in increasing order, whatever range or tile it is in.
+// Batch 1 adds code * (g[o] * scale) (the scale folded into g, as in the x86 kernels); batches
+// add deq * g[b, o] with deq = code * scale as dequantize_rows gives it.
+
+// Scales of the block of row r starting at column c0 (a multiple of 32), columns [c0, c_end):
+// true with *s when one group covers them; otherwise sc[0..32) per column (0 past c_end).
+inline bool block_scales(const Nf4Weight& w, int64_t r, int64_t c0, int64_t c_end, float* s, float* sc) {
+  const int64_t flat = r * w.in_features + c0;
+  const int64_t g0 = flat / w.group_size, g1 = (flat + (c_end - c0) - 1) / w.group_size;
+  if (g0 == g1) {
+    *s = group_scale(w, g0);
+    return true;
+  }
+  for (int64_t c = 0; c < kBlockCols; ++c) sc[c] = c0 + c < c_end ? group_scale(w, (flat + c) / w.group_size) : 0.0f;
+  return false;
+}
+
+// Stores the first n (<= 4 * count) floats of v[0..count) at dst.
+inline void store_n(float* dst, const float32x4_t* v, int count, int64_t n) {
+  if (n >= 4 * count) {
+    for (int j = 0; j < count; ++j) vst1q_f32(dst + 4 * j, v[j]);
+    return;
+  }
+  alignas(16) float tmp[kBlockCols];
+  for (int j = 0; j < count; ++j) vst1q_f32(tmp + 4 * j, v[j]);
+  std::memcpy(dst, tmp, static_cast<size_t>(n) * sizeof(float));
+}
+
+// Batch 1: NB blocks of columns from c0 (a multiple of 32) kept in registers while every row of
+// W streams through.
+template <int NB>
+void gemvt_tile(const TransposedArgs& p, const Lut& t, int64_t c0, int64_t c1) {
+  const Nf4Weight& w = p.w;
+  const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
+  float32x4_t acc[NB][8];
+  for (int b = 0; b < NB; ++b)
+    for (int j = 0; j < 8; ++j) acc[b][j] = vdupq_n_f32(0.0f);
+  const uint8_t* src = w.codes + (c0 / kBlockCols) * kBlockBytes;
+  for (int64_t o = 0; o < w.out_features; ++o, src += row_bytes) {
+    const float go = p.g[o];
+    for (int b = 0; b < NB; ++b) {
+      const int64_t cb = c0 + b * kBlockCols;
+      float32x4_t v[8];
+      decode_block(t, src + b * kBlockBytes, v);
+      float s = 0.0f;
+      alignas(16) float sc[kBlockCols];
+      if (block_scales(w, o, cb, std::min(cb + kBlockCols, in), &s, sc)) {
+        const float gs = go * s;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[b][j] = vfmaq_n_f32(acc[b][j], v[j], gs);
+      } else {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[b][j] = vfmaq_f32(acc[b][j], v[j], vmulq_n_f32(vld1q_f32(sc + 4 * j), go));
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    const int64_t cb = c0 + b * kBlockCols;
+    if (cb < c1) store_n(p.dx + cb, acc[b], 8, c1 - cb);
+  }
+}
+
+// Rows [o0, o0 + kc) of deq(W), the 32 columns of the block at cb, into panel[k * 32 + j].
+void decode_panel_t(const Nf4Weight& w, const Lut& t, int64_t o0, int64_t kc, int64_t cb, float* panel) {
+  const int64_t in = w.in_features, row_bytes = packed_row_bytes(in);
+  const int64_t c_end = std::min(cb + kBlockCols, in);
+  for (int64_t k = 0; k < kc; ++k) {
+    float32x4_t v[8];
+    decode_block(t, w.codes + (o0 + k) * row_bytes + (cb / kBlockCols) * kBlockBytes, v);
+    float s = 0.0f;
+    alignas(16) float sc[kBlockCols];
+    if (block_scales(w, o0 + k, cb, c_end, &s, sc)) {
+      for (int j = 0; j < 8; ++j) vst1q_f32(panel + k * kBlockCols + 4 * j, vmulq_n_f32(v[j], s));
+    } else {
+      for (int j = 0; j < 8; ++j) vst1q_f32(panel + k * kBlockCols + 4 * j, vmulq_f32(v[j], vld1q_f32(sc + 4 * j)));
+    }
+  }
+}
+
+// dx[m, 0..8) (n valid) += sum over k < kc of g[m * ldg + k] * panel[k * 32 + 0..8), MR rows.
+template <int MR>
+void microkernel_t(const float* g, int64_t ldg, const float* panel, int64_t kc, float* dx, int64_t ldx, int64_t n,
+                   bool first) {
+  float32x4_t c[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    if (first) {
+      c[m][0] = c[m][1] = vdupq_n_f32(0.0f);
+    } else {
+      alignas(16) float tmp[8] = {};
+      std::memcpy(tmp, dx + m * ldx, static_cast<size_t>(std::min<int64_t>(n, 8)) * sizeof(float));
+      c[m][0] = vld1q_f32(tmp);
+      c[m][1] = vld1q_f32(tmp + 4);
+    }
+  }
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    float32x4_t xv[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) xv[m] = vld1q_f32(g + m * ldg + k);
+    const float* pk = panel + k * kBlockCols;
+    fma_lane<0, MR>(c, vld1q_f32(pk), vld1q_f32(pk + 4), xv);
+    fma_lane<1, MR>(c, vld1q_f32(pk + kBlockCols), vld1q_f32(pk + kBlockCols + 4), xv);
+    fma_lane<2, MR>(c, vld1q_f32(pk + 2 * kBlockCols), vld1q_f32(pk + 2 * kBlockCols + 4), xv);
+    fma_lane<3, MR>(c, vld1q_f32(pk + 3 * kBlockCols), vld1q_f32(pk + 3 * kBlockCols + 4), xv);
+  }
+  for (; k < kc; ++k) {
+    const float32x4_t w0 = vld1q_f32(panel + k * kBlockCols), w1 = vld1q_f32(panel + k * kBlockCols + 4);
+    for (int m = 0; m < MR; ++m) {
+      c[m][0] = vfmaq_n_f32(c[m][0], w0, g[m * ldg + k]);
+      c[m][1] = vfmaq_n_f32(c[m][1], w1, g[m * ldg + k]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) store_n(dx + m * ldx, c[m], 2, n);
+}
+
+// Rows of W in chunks of kPanelRowsT, each block of the column range decoded once per chunk and
+// reused by every batch row; dx carries the partial sums between chunks.
+constexpr int64_t kPanelRowsT = 256;
+
+void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) {
+  if (col_end <= col_begin || p.batch <= 0) return;
+  const Lut t = load_lut();
+  const int64_t in = p.w.in_features, out = p.w.out_features;
+  if (p.batch == 1) {
+    for (int64_t c0 = col_begin; c0 < col_end; c0 += 2 * kBlockCols) {
+      const int64_t c1 = std::min(col_end, c0 + 2 * kBlockCols);
+      if (c1 - c0 > kBlockCols) {
+        gemvt_tile<2>(p, t, c0, c1);
+      } else {
+        gemvt_tile<1>(p, t, c0, c1);
+      }
+    }
+    return;
+  }
+  thread_local std::vector<float> panel;
+  panel.resize(static_cast<size_t>(kPanelRowsT * kBlockCols));
+  for (int64_t o0 = 0; o0 < out; o0 += kPanelRowsT) {
+    const int64_t kc = std::min(kPanelRowsT, out - o0);
+    for (int64_t cb = col_begin; cb < col_end; cb += kBlockCols) {
+      decode_panel_t(p.w, t, o0, kc, cb, panel.data());
+      for (int q = 0; q < kBlockCols / 8; ++q) {
+        const int64_t c = cb + 8 * q, n = std::min<int64_t>(8, col_end - c);
+        if (n <= 0) break;
+        const float* pq = panel.data() + 8 * q;
+        const float* g = p.g + o0;
+        float* dx = p.dx + c;
+        int64_t b = 0;
+        for (; b + kBatchBlock <= p.batch; b += kBatchBlock)
+          microkernel_t<kBatchBlock>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+        if (b + 4 <= p.batch) {
+          microkernel_t<4>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+          b += 4;
+        }
+        if (b + 2 <= p.batch) {
+          microkernel_t<2>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+          b += 2;
+        }
+        if (b < p.batch) microkernel_t<1>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+      }
+    }
+  }
+}
+
 KernelTable make_kernel_table() {
   KernelTable t;
   t.name = "neon";
@@ -575,6 +740,7 @@ KernelTable make_kernel_table() {
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
   t.gemm_nf4_f32 = {forward_rows, kTileRows, 1};
+  t.gemm_nf4t_f32 = gemm_nf4t_f32; t.col_block = kBlockCols;
   return t;
 }
 

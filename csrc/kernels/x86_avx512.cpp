@@ -176,6 +176,7 @@ QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
 }
 
 #include "x86_kernels_inl.h"
+#include "x86_gemmt_inl.h"
 
 #undef QLORA_VEC_INLINE
 
@@ -204,6 +205,7 @@ KernelTable make_kernel_table() {
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
   t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
+  t.gemm_nf4t_f32 = gemm_nf4t_f32; t.col_block = kGemmTColBlock;
   return t;
 }
 }  // namespace
