@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _core, _precision
+from . import _core, _precision, _train
 from ._precision import PRECISIONS, check_precision
 from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
@@ -72,6 +72,8 @@ class QLoraLinear:
         bias: object = None,
         seed: int = 0,
         double_quant: bool = False,
+        init: str = "default",
+        loftq_iters: int = 1,
     ) -> "QLoraLinear":
         """Quantize a weight matrix to NF4 and attach a freshly initialised LoRA adapter.
 
@@ -100,6 +102,15 @@ class QLoraLinear:
             nearest decoded scale. At group size 64 the weight then costs about 4.13 bits per
             parameter instead of 4.5. ``forward`` and ``dequantize_weight`` use the decoded
             scales ``map[q] * nested[g // 256] + offset``.
+        init : {"default", "loftq"}, default "default"
+            ``"default"``: quantize ``weight``, ``A`` and ``B`` as ``seed`` says. ``"loftq"``:
+            LoftQ (as PEFT's ``init_lora_weights="loftq"``): ``loftq_iters`` rounds of
+            quantizing ``weight - scaling * B @ A`` and setting ``B, A`` from the rank-``rank``
+            SVD of the residual, so ``deq + scaling * B @ A`` starts closer to ``weight``; the
+            stored base then differs from quantizing ``weight``. Each round costs a float64
+            SVD of the weight (README: timings); ``seed`` is unused.
+        loftq_iters : int, default 1
+            LoftQ rounds, >= 1 (checked for either ``init``).
 
         Returns
         -------
@@ -129,8 +140,8 @@ class QLoraLinear:
         double_quant = check_bool(double_quant, "double_quant")
         check_finite(w, "weight")
         bias_arr = None if bias is None else float32_matrix(bias, "bias", (out_features,))
-        weight = quantize_weight(w, group_size, double_quant)
-        lora = new_adapter(rank, alpha / rank, seed, out_features, in_features)
+        weight, lora = _train.initial_weights(w, rank, alpha / rank, group_size, double_quant,
+                                              seed, init, loftq_iters)
         return cls._from_state(make_state(weight, lora, bias_arr))
 
     # ------------------------------------------------------------------ compute
@@ -196,6 +207,17 @@ class QLoraLinear:
         return y
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ training: see qlora._train
+    def forward_train(self, x: object, *, dropout: float = 0.0, seed: int = 0,
+                      precision: str | None = None) -> tuple[np.ndarray, _train.SavedForBackward]:
+        return _train.forward_train(self._state, self, x, dropout, seed, precision)
+
+    def backward(self, saved: _train.SavedForBackward, grad_y: object, *, input_grad: bool = True,
+                 bias_grad: bool | None = None) -> _train.Gradients:
+        return _train.backward(self, saved, grad_y, input_grad, bias_grad)
+
+    forward_train.__doc__, backward.__doc__ = _train.forward_train.__doc__, _train.backward.__doc__
 
     @staticmethod
     def _prepare_x(x: object, in_features: int) -> np.ndarray:
