@@ -26,3 +26,15 @@ def test_finetune_rejects_bad_dropout(capsys):
     assert main(["finetune", "--shape", "8x8", "--rank", "2", "--steps", "1",
                  "--dropout", "1.5"]) == 2
     assert "dropout must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_bench_backward_smoke(capsys):
+    """One small cell: the row holds qlora's timings, the ratios and u's bytes (no speed is
+    asserted); the torch columns are '-' without the interop extra."""
+    assert main(["bench", "--backward", "--shape", "64x128", "--batch", "1,3", "--rank", "4",
+                 "--min-reps", "1", "--min-time", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("64x128")]
+    assert [int(r[1]) for r in rows] == [1, 3]
+    assert [int(r[-1]) for r in rows] == [4 * 4, 3 * 4 * 4]  # saved u: batch x rank float32
+    assert all(float(r[2]) > 0 and float(r[5]) > 0 for r in rows)

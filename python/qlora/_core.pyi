@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'forward', 'forward_adapters', 'gemm_choice', 'get_num_threads', 'group_count', 'input_grad', 'kernel_info', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads']
+__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'backward', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'dropout_mask', 'forward', 'forward_adapters', 'forward_train', 'gemm_choice', 'get_num_threads', 'group_count', 'input_grad', 'kernel_info', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads']
 class Nf4Tensor:
     def __init__(self, codes: numpy.typing.NDArray[numpy.uint8], scales: numpy.typing.NDArray[numpy.float32] | None, qscales: numpy.typing.NDArray[numpy.uint8] | None, nested_scales: numpy.typing.NDArray[numpy.float32] | None, nested_map: numpy.typing.NDArray[numpy.float32] | None, nested_offset: typing.SupportsFloat | typing.SupportsIndex, out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex, group_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -26,6 +26,10 @@ def active_isa() -> str:
     ...
 def available_isas() -> list[str]:
     ...
+def backward(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32] | None, lora_a: numpy.typing.NDArray[numpy.float32], lora_b: numpy.typing.NDArray[numpy.float32], scaling: typing.SupportsFloat | typing.SupportsIndex, u: numpy.typing.NDArray[numpy.float32] | None, grad_y: numpy.typing.NDArray[numpy.float32], dx: numpy.typing.NDArray[numpy.float32] | None = None, da: numpy.typing.NDArray[numpy.float32] | None = None, db: numpy.typing.NDArray[numpy.float32] | None = None, dbias: numpy.typing.NDArray[numpy.float32] | None = None, dropout: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    """
+    LoRA backward: writes each gradient given (dx, da, db, dbias) for upstream grad_y.
+    """
 def codes_from_bnb(flat: numpy.typing.NDArray[numpy.uint8], out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex, codes: numpy.typing.NDArray[numpy.uint8]) -> None:
     """
     Convert bitsandbytes flat packing into qlora's packed rows.
@@ -42,6 +46,10 @@ def dequantize_nf4(tensor: Nf4Tensor, out: numpy.typing.NDArray[numpy.float32]) 
     """
     Write the dequantized float32 weight into out.
     """
+def dropout_mask(batch: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex, dropout: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, out: numpy.typing.NDArray[numpy.uint8]) -> None:
+    """
+    The training forward's dropout keep mask (uint8).
+    """
 def forward(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], lora_a: numpy.typing.NDArray[numpy.float32], lora_b: numpy.typing.NDArray[numpy.float32], scaling: typing.SupportsFloat | typing.SupportsIndex, bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32], precision: str = 'fp32', isa: str | None = None) -> None:
     """
     Fused x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias into out, in the given precision (isa: run that instruction set's own product kernel, for tests).
@@ -49,6 +57,10 @@ def forward(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], lora_a: n
 def forward_adapters(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], segments: collections.abc.Sequence[tuple[typing.Annotated[numpy.typing.ArrayLike, numpy.float32], typing.Annotated[numpy.typing.ArrayLike, numpy.float32], typing.SupportsFloat | typing.SupportsIndex, typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, typing.Annotated[numpy.typing.ArrayLike, numpy.float32] | None]], bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32], precision: str = 'fp32', isa: str | None = None) -> None:
     """
     x @ deq(W).T + bias plus, for each (lora_a, lora_b, scaling, rows, row_scale) segment, its LoRA term on its rows (all rows when rows is None), into out.
+    """
+def forward_train(tensor: Nf4Tensor, x: numpy.typing.NDArray[numpy.float32], lora_a: numpy.typing.NDArray[numpy.float32], lora_b: numpy.typing.NDArray[numpy.float32], scaling: typing.SupportsFloat | typing.SupportsIndex, bias: numpy.typing.NDArray[numpy.float32] | None, out: numpy.typing.NDArray[numpy.float32], u: numpy.typing.NDArray[numpy.float32], dropout: typing.SupportsFloat | typing.SupportsIndex = 0.0, seed: typing.SupportsInt | typing.SupportsIndex = 0, precision: str = 'fp32') -> None:
+    """
+    Training forward: out = x @ deq(W).T + bias + scaling * u @ lora_b.T with u = dropout(x) @ lora_a.T written for backward.
     """
 def gemm_choice(tensor: Nf4Tensor, precision: str, batch: typing.SupportsInt | typing.SupportsIndex) -> dict:
     """
