@@ -80,11 +80,15 @@ echo "wheel contents:"
 say "wheel: install into a fresh venv with [$EXTRAS], test from a copy of tests/"
 new_venv "$WORK/venv-wheel"
 WPY="$WORK/venv-wheel/bin/python"
-"$WPY" -m pip install -q "${PIPC[@]}" "$WHL[$EXTRAS]"
+"$WPY" -m pip install -q "${PIPC[@]}" "$WHL[$EXTRAS]" pytest-cov
 rm -rf "$WORK/tests-wheel"
 cp -r "$ROOT/tests" "$WORK/tests-wheel"
 check_installed "$WORK/venv-wheel" "$WORK"
-(cd "$WORK" && "$WPY" -m pytest -q -ra -p no:cacheprovider "$WORK/tests-wheel")
+# This venv has the test extra only (no torch, bitsandbytes or PEFT), as a new user running the
+# README's test command has: the line coverage of the installed package is reported here and must
+# stay at 90% or more.
+(cd "$WORK" && "$WPY" -m pytest -q -ra -p no:cacheprovider --cov=qlora --cov-report=term \
+  --cov-fail-under=90 "$WORK/tests-wheel")
 
 say "sdist: python -m build --sdist"
 rm -rf "$WORK/sdist"

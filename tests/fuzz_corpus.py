@@ -58,6 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # One case may take this long before it counts as a hang (cases take ~3 ms; the slowest
 # seen is ~60 ms on a loaded machine).
 CASE_TIMEOUT_S = float(os.environ.get("QLORA_FUZZ_CASE_TIMEOUT", "5"))
+def asan_loaded() -> bool:
+    """True when this process runs with AddressSanitizer's runtime (LD_PRELOADed by CI)."""
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
+
+
 ADDRESS_SPACE_LIMIT = 1 << 30  # 1 GiB: the child needs ~110 MiB; inputs are < 64 KiB
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)
@@ -972,7 +978,11 @@ def child_main(family: str, start: int, count: int, verbose: bool = False) -> No
 
     warnings.simplefilter("ignore")  # NumPy overflow warnings on purpose-made extreme values
     faulthandler.enable()
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+    # Under AddressSanitizer (.ci/sanitize_pytest.sh) the shadow memory cannot live under an
+    # address-space limit; there the parent caps single allocations through ASAN_OPTIONS
+    # instead (max_allocation_size_mb), so a huge allocation still becomes MemoryError.
+    if not asan_loaded():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     sys.setrecursionlimit(1000)
     tmpdir = tempfile.mkdtemp(prefix="qlora-fuzz-")

@@ -242,7 +242,7 @@ def _cases():
         ("bad JSON", bad_json, "header"),
         ("wrong format", hdr(lambda h: h["__metadata__"].update(format="gguf")), "format"),
         ("no metadata", hdr(lambda h: h.pop("__metadata__")), "format"),
-        ("future version", hdr(lambda h: h["__metadata__"].update(format_version="2")),
+        ("future version", hdr(lambda h: h["__metadata__"].update(format_version="3")),
          "format_version"),
         ("other codes layout", hdr(lambda h: h["__metadata__"].update(codes_layout="x")),
          "codes_layout"),

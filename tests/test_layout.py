@@ -24,6 +24,7 @@ LEVELS = [
     ("qlora._precision", 1),
     ("qlora.formats", 3),
     ("qlora._train", 3),  # forward_train / backward, methods of the layer
+    ("qlora._adapters", 3.5),  # named adapters and mixed batches: the layer's mixin
     ("qlora._layer", 4),
     ("qlora._layers", 5),  # save_layers / load_layers: several layers, built on the layer
     ("qlora.torch", 5),  # the optional torch bridge, built on the layer; imports torch lazily

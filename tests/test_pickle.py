@@ -123,7 +123,7 @@ class _Forged:
         return _layer._unpickle, (self.state,)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, None, "1"])
+@pytest.mark.parametrize("version", [0, 3, 99, None, "1"])
 def test_unknown_version_refused(layer, version):
     state = layer.__getstate__()
     if version is None:

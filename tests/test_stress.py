@@ -16,9 +16,8 @@ have been seen:
 The expected outputs of every reachable state are computed serially before the threads start
 (36 states x 6 input shapes per layer), hashed, and each concurrent result must be one of them.
 
-``PRECISIONS`` lists the forward's compute precisions; ``None`` is the default call. When the
-``precision=`` keyword lands, add ``"bf16"`` and ``"int8"`` there: the expected states are
-computed with the same precision, so the check stays exact.
+``PRECISIONS`` lists the forward's compute precisions; ``None`` is the default call. The
+expected states are computed with the same precision, so the check stays exact.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ import pytest
 import qlora
 from qlora import QLoraLinear
 
-PRECISIONS = [None]  # add "bf16", "int8" with the precision keyword
+PRECISIONS = [None, "bf16", "int8"]
 
 # (out_features, in_features, group_size, double_quant): odd sizes, partial groups, groups
 # straddling rows, double quantization, and one layer large enough to use the thread pool.
@@ -285,6 +284,17 @@ def _mappings() -> int:
         return sum(1 for _ in f)
 
 
+def _asan_loaded() -> bool:
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
+
+
+# AddressSanitizer holds freed memory in its quarantine and maps shadow pages as the heap
+# moves, so RSS grows by design there; the plain pytest run makes these checks.
+_no_asan = pytest.mark.skipif(_asan_loaded(), reason="RSS is not a leak signal under ASan")
+
+
+@_no_asan
 def test_rss_flat_over_100k_small_calls(restore_threads):
     """100,000 small calls (forwards of several shapes, into new and reused buffers,
     adapter and bias swaps, dequantize, and error paths that raise) leak nothing."""
@@ -341,6 +351,7 @@ def test_rss_flat_over_100k_small_calls(restore_threads):
     assert after - before < RSS_SLACK, (before, middle, after)
 
 
+@_no_asan
 def test_loading_files_leaks_no_fds_mappings_or_memory(tmp_path):
     """Loading (mmap on and off, single and multi-layer, bitsandbytes, PEFT) and dropping the
     layers 2,000 times returns every file descriptor and mapping, and RSS stays flat."""

@@ -102,7 +102,7 @@ def test_training_steps_lower_the_loss_as_the_original():
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
-            trace.append(float(loss))
+            trace.append(loss.item())
         losses.append(trace)
     for trace in losses:
         assert trace[-1] < trace[0] - 0.05, trace

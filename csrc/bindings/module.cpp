@@ -366,5 +366,20 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &qlora::get_num_threads);
   m.def("set_num_threads", &qlora::set_num_threads, py::arg("n"));
   m.def("default_num_threads", &qlora::default_num_threads);
+  // The GIL is released while pool_info waits for a running job and starts the workers.
+  m.def("thread_pool_info", [] {
+    qlora::PoolInfo info;
+    {
+      py::gil_scoped_release release;
+      info = qlora::pool_info();
+    }
+    py::dict d;
+    d["requested"] = info.requested;
+    d["threads"] = info.threads;
+    d["serial_fallback_reason"] = info.serial_fallback_reason.empty()
+                                      ? py::object(py::none())
+                                      : py::object(py::str(info.serial_fallback_reason));
+    return d;
+  }, "The core's thread pool: requested and running threads, and why it runs serially (or None).");
   register_train(m);
 }

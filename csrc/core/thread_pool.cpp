@@ -1,5 +1,7 @@
 // The persistent worker pool behind parallel_for: workers sleep on a condition variable, take
-// task indices from an atomic counter, and the last one to finish wakes the caller.
+// task indices from an atomic counter, and the last one to finish wakes the caller. Starting the
+// workers can fail (the OS refuses a thread); then the pool joins what started, parallel_for
+// runs serially, and pool_info() says why.
 #include "qlora/thread_pool.h"
 
 #include <atomic>
@@ -10,6 +12,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -43,19 +46,45 @@ int env_threads() {
   return static_cast<int>(v);
 }
 
+// The test hook's countdown: 0 is off, n > 0 makes the nth thread start from now on fail.
+std::atomic<int> g_fail_countdown{0};
+
+void maybe_fail_thread_start() {
+  if (g_fail_countdown.load() > 0 && g_fail_countdown.fetch_sub(1) == 1)
+    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                            "thread start refused (test hook)");
+}
+
 class Pool {
  public:
-  explicit Pool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { work(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
+  // Starts `workers` threads. If the OS refuses one (std::system_error from std::thread under a
+  // process or memory limit, or bad_alloc), the ones already running are stopped and joined,
+  // since destroying a joinable std::thread calls std::terminate, and nullptr is returned with
+  // the reason.
+  static std::unique_ptr<Pool> start(int workers, std::string* reason) {
+    std::unique_ptr<Pool> pool(new Pool());
+    int started = 0;
+    try {
+      pool->threads_.reserve(static_cast<size_t>(workers));
+      for (; started < workers; ++started) {
+        maybe_fail_thread_start();
+        pool->threads_.emplace_back([p = pool.get()] { p->work(); });
+      }
+      return pool;
+    } catch (const std::exception& e) {
+      *reason = "could not start worker thread " + std::to_string(started + 1) + " of " +
+                std::to_string(workers) + ": " + e.what();
+    } catch (...) {
+      *reason = "could not start worker thread " + std::to_string(started + 1) + " of " +
+                std::to_string(workers) + ": unknown exception";
     }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
+    pool->stop_and_join();
+    return nullptr;
   }
+  ~Pool() { stop_and_join(); }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
   int workers() const { return static_cast<int>(threads_.size()); }
 
   // Caller holds the job lock, so only one run() is active at a time.
@@ -78,6 +107,18 @@ class Pool {
   }
 
  private:
+  Pool() = default;
+
+  void stop_and_join() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
   void drain() {
     for (;;) {
       const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
@@ -120,9 +161,13 @@ class Pool {
 };
 
 std::mutex g_job_mutex;        // held while a job runs on the pool
-std::mutex g_config_mutex;     // guards g_pool and g_threads
+std::mutex g_config_mutex;     // guards g_pool, g_failed_threads and g_fallback_reason
 Pool* g_pool = nullptr;        // leaked on purpose at exit and after fork (see below)
 std::atomic<int> g_threads{0};
+// The thread count whose pool could not start, and why. parallel_for runs serially for that
+// count instead of paying a failing thread start on every call; set_num_threads clears it.
+int g_failed_threads = 0;
+std::string g_fallback_reason;
 
 void after_fork_in_child() {
   // The workers did not survive fork(); forget them without joining (their objects leak, a
@@ -137,6 +182,30 @@ void install_fork_handler() {
   static std::once_flag once;
   std::call_once(once, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
 #endif
+}
+
+// The pool for `want` threads (the caller counts as one), started if needed, or nullptr to run
+// serially. Caller holds the job lock (no job is running) and the config lock.
+Pool* ensure_pool(int want) {
+  if (want <= 1) return nullptr;
+  if (g_pool != nullptr && g_pool->workers() == want - 1) return g_pool;
+  if (g_failed_threads == want) return nullptr;
+  // Stop the old pool before starting the new one: under a process or memory limit its threads
+  // are the ones the new pool needs. g_pool is null from here until a pool has fully started,
+  // so a failure can never leave it pointing at a deleted pool.
+  delete g_pool;
+  g_pool = nullptr;
+  std::string reason;
+  std::unique_ptr<Pool> pool = Pool::start(want - 1, &reason);
+  if (pool == nullptr) {
+    g_failed_threads = want;
+    g_fallback_reason = reason + "; running serially";
+    return nullptr;
+  }
+  g_failed_threads = 0;
+  g_fallback_reason.clear();
+  g_pool = pool.release();
+  return g_pool;
 }
 
 }  // namespace
@@ -159,7 +228,10 @@ int get_num_threads() {
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+  std::lock_guard<std::mutex> lk(g_config_mutex);
   g_threads.store(n, std::memory_order_relaxed);
+  g_failed_threads = 0;  // the next parallel_for tries to start the workers again
+  g_fallback_reason.clear();
 }
 
 void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
@@ -174,13 +246,31 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)>& fn) {
   {
     std::lock_guard<std::mutex> lk(g_config_mutex);
     install_fork_handler();
-    if (g_pool == nullptr || g_pool->workers() != want - 1) {
-      delete g_pool;  // no job is running: we hold the job lock
-      g_pool = new Pool(want - 1);
-    }
-    pool = g_pool;
+    pool = ensure_pool(want);
+  }
+  if (pool == nullptr) {
+    job.unlock();
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
   }
   pool->run(n_tasks, fn);
 }
+
+PoolInfo pool_info() {
+  PoolInfo info;
+  std::lock_guard<std::mutex> job(g_job_mutex);  // waits for a job using the pool to finish
+  std::lock_guard<std::mutex> lk(g_config_mutex);
+  install_fork_handler();
+  const int want = get_num_threads();
+  const Pool* pool = ensure_pool(want);
+  info.requested = want;
+  info.threads = pool != nullptr ? pool->workers() + 1 : 1;
+  if (pool == nullptr && g_failed_threads == want) info.serial_fallback_reason = g_fallback_reason;
+  return info;
+}
+
+namespace detail {
+void fail_thread_start_for_testing(int nth) { g_fail_countdown.store(nth); }
+}  // namespace detail
 
 }  // namespace qlora

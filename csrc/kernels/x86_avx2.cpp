@@ -224,6 +224,8 @@ QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
 #pragma GCC pop_options
 #endif
 
+#include "x86_q8_ymm_inl.h"  // the int8 kernels, in namespace avx2::q8
+
 namespace qlora {
 namespace kernels {
 namespace avx2 {
@@ -237,7 +239,10 @@ KernelTable make_kernel_table() {
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
   t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
-  t.gemm_nf4t_f32 = gemm_nf4t_f32; t.col_block = kGemmTColBlock;
+  t.quantize_q8 = q8::quantize_q8;
+  t.gemm_nf4_q8 = {q8::gemm_nf4_q8, 1, 1};
+  t.gemm_nf4t_f32 = gemm_nf4t_f32; 
+  t.col_block = kGemmTColBlock;
   return t;
 }
 }  // namespace

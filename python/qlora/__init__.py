@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 from . import _core
+from ._adapters import AdapterInfo
 from ._layer import QLoraLinear
-from ._layers import load_layers, save_layers
+from ._layers import add_peft_adapter, load_layers, remove_peft_adapter, save_layers
 from .formats.peft import LoraWeights, load_peft_adapter
 from ._precision import get_precision, set_precision
 from ._runtime import active_isa, available_isas, get_num_threads, kernel_info, set_num_threads
@@ -18,16 +19,19 @@ from ._runtime import active_isa, available_isas, get_num_threads, kernel_info, 
 __version__: str = _core.__version__
 
 __all__ = [
+    "AdapterInfo",
     "LoraWeights",
     "QLoraLinear",
     "__version__",
     "active_isa",
+    "add_peft_adapter",
     "available_isas",
     "get_num_threads",
     "get_precision",
     "kernel_info",
     "load_layers",
     "load_peft_adapter",
+    "remove_peft_adapter",
     "save_layers",
     "set_num_threads",
     "set_precision",

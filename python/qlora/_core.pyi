@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'backward', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'dropout_mask', 'forward', 'forward_adapters', 'forward_train', 'gemm_choice', 'get_num_threads', 'group_count', 'input_grad', 'kernel_info', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads']
+__all__: list[str] = ['BATCH_CHUNK', 'BLOCK_COLS', 'NESTED_BLOCK', 'NF4_CODEBOOK', 'Nf4Tensor', 'active_isa', 'available_isas', 'backward', 'codes_from_bnb', 'codes_to_bnb', 'compiled_isas', 'default_num_threads', 'dequantize_nf4', 'dropout_mask', 'forward', 'forward_adapters', 'forward_train', 'gemm_choice', 'get_num_threads', 'group_count', 'input_grad', 'kernel_info', 'packed_bytes', 'quantize_nf4', 'set_isa', 'set_num_threads', 'thread_pool_info']
 class Nf4Tensor:
     def __init__(self, codes: numpy.typing.NDArray[numpy.uint8], scales: numpy.typing.NDArray[numpy.float32] | None, qscales: numpy.typing.NDArray[numpy.uint8] | None, nested_scales: numpy.typing.NDArray[numpy.float32] | None, nested_map: numpy.typing.NDArray[numpy.float32] | None, nested_offset: typing.SupportsFloat | typing.SupportsIndex, out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex, group_size: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -88,8 +88,12 @@ def set_isa(name: str) -> None:
     ...
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     ...
+def thread_pool_info() -> dict:
+    """
+    The core's thread pool: requested and running threads, and why it runs serially (or None).
+    """
 BATCH_CHUNK: int = 256
 BLOCK_COLS: int = 32
 NESTED_BLOCK: int = 256
 NF4_CODEBOOK: tuple = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-__version__: str = '0.0.0'
+__version__: str = '0.1.0'

@@ -14,9 +14,11 @@ from typing import Mapping
 
 import numpy as np
 
-from . import _core, _precision, _train
+from . import _core, _precision
+from ._adapters import WRITE_LOCK, AdapterMethods, forward_mixed
 from ._precision import PRECISIONS, check_precision
 from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
+from ._train import TrainMethods, initial_weights
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
                         check_out, check_path, check_scaling, float32_matrix)
 from .formats import bnb as _bnb
@@ -29,8 +31,9 @@ __all__ = ["QLoraLinear", "layer_from_state", "layer_states"]
 _F32 = np.dtype(np.float32)
 
 
-class QLoraLinear:
-    """A linear layer with a frozen NF4-quantized weight and a LoRA adapter.
+class QLoraLinear(AdapterMethods, TrainMethods):
+    """A linear layer with a frozen NF4-quantized weight, a default LoRA adapter and any number
+    of named adapters (``add_adapter``; rows of a batch pick theirs in ``forward``).
 
     ``forward(x) = x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias`` with ``scaling = alpha /
     rank``, computed by a fused kernel that decodes the 4-bit codes in registers. Build one with
@@ -50,6 +53,15 @@ class QLoraLinear:
     """
 
     __slots__ = ("_state", "__weakref__")
+
+    def _read_state(self) -> LayerState:
+        return self._state
+
+    def _update_state(self, change) -> LayerState:
+        """Store ``change(state)`` (it may raise: nothing changes then); see qlora._adapters."""
+        with WRITE_LOCK:
+            self._state = new = change(self._state)
+        return new
 
     def __init__(self) -> None:
         raise TypeError("use QLoraLinear.from_weight(...) to build a layer")
@@ -71,9 +83,7 @@ class QLoraLinear:
         *,
         bias: object = None,
         seed: int = 0,
-        double_quant: bool = False,
-        init: str = "default",
-        loftq_iters: int = 1,
+        double_quant: bool = False, init: str = "default", loftq_iters: int = 1,
     ) -> "QLoraLinear":
         """Quantize a weight matrix to NF4 and attach a freshly initialised LoRA adapter.
 
@@ -102,15 +112,8 @@ class QLoraLinear:
             nearest decoded scale. At group size 64 the weight then costs about 4.13 bits per
             parameter instead of 4.5. ``forward`` and ``dequantize_weight`` use the decoded
             scales ``map[q] * nested[g // 256] + offset``.
-        init : {"default", "loftq"}, default "default"
-            ``"default"``: quantize ``weight``, ``A`` and ``B`` as ``seed`` says. ``"loftq"``:
-            LoftQ (as PEFT's ``init_lora_weights="loftq"``): ``loftq_iters`` rounds of
-            quantizing ``weight - scaling * B @ A`` and setting ``B, A`` from the rank-``rank``
-            SVD of the residual, so ``deq + scaling * B @ A`` starts closer to ``weight``; the
-            stored base then differs from quantizing ``weight``. Each round costs a float64
-            SVD of the weight (README: timings); ``seed`` is unused.
-        loftq_iters : int, default 1
-            LoftQ rounds, >= 1 (checked for either ``init``).
+        init, loftq_iters : {"default", "loftq"}, int >= 1; default "default", 1
+            ``"loftq"``: LoftQ (README "Fine-tuning"); the stored base then is not quantize(W).
 
         Returns
         -------
@@ -140,13 +143,14 @@ class QLoraLinear:
         double_quant = check_bool(double_quant, "double_quant")
         check_finite(w, "weight")
         bias_arr = None if bias is None else float32_matrix(bias, "bias", (out_features,))
-        weight, lora = _train.initial_weights(w, rank, alpha / rank, group_size, double_quant,
-                                              seed, init, loftq_iters)
+        weight, lora = initial_weights(w, rank, alpha / rank, group_size, double_quant, seed,
+                                       init, loftq_iters)
         return cls._from_state(make_state(weight, lora, bias_arr))
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: object, out: np.ndarray | None = None, *,
-                precision: str | None = None) -> np.ndarray:
+                precision: str | None = None, adapters: object = None,
+                adapter_scales: object = None) -> np.ndarray:
         """Apply the layer: ``x @ deq(W).T + scaling * (x @ A.T) @ B.T + bias``.
 
         Parameters
@@ -165,6 +169,11 @@ class QLoraLinear:
             32 and uses the NF4 codebook as int8. Where this CPU has no kernel for it (or,
             for int8, the layer's groups do not hold whole 32-column blocks) the call runs
             in fp32; :func:`qlora.kernel_info` says which kernel serves what.
+        adapters : str, int, sequence or 1-D integer ndarray, optional
+            Per row of a 2-D ``x``: a name, a slot, ``"default"``/0 or None/-1 (base only);
+            or one name or slot for all rows. See README "Serving many adapters".
+        adapter_scales : float or array_like (batch,), optional
+            Per-row multipliers of the chosen adapter's scaling (finite).
 
         Returns
         -------
@@ -179,7 +188,10 @@ class QLoraLinear:
         ValueError
             If the last dimension of ``x`` is not ``in_features``, ``x`` is 0-d, ``out`` has
             the wrong shape, is not C-contiguous or not aligned, is read-only or overlaps
-            ``x``, or ``precision`` is not one of the precisions.
+            ``x``, ``precision`` is not one of the precisions, or ``adapters`` or
+            ``adapter_scales`` has the wrong length or a bad value.
+        KeyError
+            If a row names an adapter the layer does not hold (the row and value are named).
         """
         if precision is None:
             precision = _precision.default
@@ -201,23 +213,15 @@ class QLoraLinear:
             if np.may_share_memory(y, x):
                 raise ValueError("out must not overlap x")
         # The core takes any leading dimensions (C-contiguous), so nothing is reshaped here.
-        if x.size:
+        if adapters is not None or adapter_scales is not None:
+            forward_mixed(state, x, y, "default" if adapters is None else adapters,
+                          adapter_scales, precision)
+        elif x.size:
             lora = state.lora
             _core.forward(state.tensor, x, lora.a, lora.b, lora.scaling, state.bias, y, precision)
         return y
 
     __call__ = forward
-
-    # ------------------------------------------------------------------ training: see qlora._train
-    def forward_train(self, x: object, *, dropout: float = 0.0, seed: int = 0,
-                      precision: str | None = None) -> tuple[np.ndarray, _train.SavedForBackward]:
-        return _train.forward_train(self._state, self, x, dropout, seed, precision)
-
-    def backward(self, saved: _train.SavedForBackward, grad_y: object, *, input_grad: bool = True,
-                 bias_grad: bool | None = None) -> _train.Gradients:
-        return _train.backward(self, saved, grad_y, input_grad, bias_grad)
-
-    forward_train.__doc__, backward.__doc__ = _train.forward_train.__doc__, _train.backward.__doc__
 
     @staticmethod
     def _prepare_x(x: object, in_features: int) -> np.ndarray:
@@ -268,7 +272,7 @@ class QLoraLinear:
         """
         state = self._state
         arr = float32_matrix(a, "a", (state.lora.rank, state.weight.in_features))
-        self._state = state._replace(lora=state.lora._replace(a=arr))
+        self._update_state(lambda s: s._replace(lora=state.lora._replace(a=arr)))
 
     def set_lora_b(self, b: object) -> None:
         """Replace LoRA ``B``: array_like (out_features, rank), finite real numbers (copied).
@@ -280,7 +284,7 @@ class QLoraLinear:
         """
         state = self._state
         arr = float32_matrix(b, "b", (state.weight.out_features, state.lora.rank))
-        self._state = state._replace(lora=state.lora._replace(b=arr))
+        self._update_state(lambda s: s._replace(lora=state.lora._replace(b=arr)))
 
     def set_bias(self, bias: object) -> None:
         """Replace the bias with array_like (out_features,) of finite reals, or remove it (None).
@@ -293,7 +297,7 @@ class QLoraLinear:
         state = self._state
         arr = None if bias is None else float32_matrix(bias, "bias",
                                                        (state.weight.out_features,))
-        self._state = state._replace(bias=arr)
+        self._update_state(lambda s: s._replace(bias=arr))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -540,7 +544,7 @@ class QLoraLinear:
         a_arr = float32_matrix(a_arr, "a", (r, state.weight.in_features))
         b_arr = float32_matrix(b, "b", (state.weight.out_features, r))
         s = check_scaling(scaling, "scaling")
-        self._state = state._replace(lora=Adapter(a_arr, b_arr, s))
+        self._update_state(lambda st: st._replace(lora=Adapter(a_arr, b_arr, s)))
 
     def load_adapter(self, weights: object) -> None:
         """Apply one adapter entry from :func:`qlora.load_peft_adapter`.
@@ -593,9 +597,8 @@ class QLoraLinear:
     def __deepcopy__(self, memo: dict) -> "QLoraLinear":
         state = self._state
         bias = None if state.bias is None else frozen(np.array(state.bias, copy=True))
-        adapters = {name: ad.owned() for name, ad in state.adapters.items()}
         return type(self)._from_state(make_state(state.weight.owned(), state.lora.owned(), bias,
-                                                 adapters))
+                                                 state.adapters.owned()))
 
     def __getstate__(self) -> dict:
         return _pickle.state_to_dict(self._state)

@@ -1,8 +1,8 @@
 """The state of a QLoRA layer as immutable values, and the builders that make them; no I/O.
 
 A layer holds one :class:`LayerState`: the NF4 weight (:class:`Nf4Weight`), its default LoRA
-adapter (:class:`Adapter`), a mapping of named adapters (empty for now, so a layer can later
-hold several) and the bias. Every array in a state is read-only and every value is replaced
+adapter (:class:`Adapter`), its named adapters (:class:`AdapterSet`, a read-only mapping of
+name to :class:`Adapter` that also gives each adapter its slot) and the bias. Every array in a state is read-only and every value is replaced
 whole, never changed: a setter of the layer builds a new state and stores it with one
 attribute write, so a forward in another thread reads one consistent state.
 
@@ -15,21 +15,21 @@ by :func:`double_quantize` over bitsandbytes' dynamic map, :func:`create_dynamic
 from __future__ import annotations
 
 import math
-import types
-from typing import Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 
 from . import _core
 
-__all__ = ["Adapter", "DYNAMIC_MAP", "LayerState", "NESTED_BLOCK", "NF4_CODEBOOK", "Nf4Weight",
+__all__ = ["Adapter", "AdapterSet", "DEFAULT_ADAPTER", "DYNAMIC_MAP", "LayerState", "NESTED_BLOCK", "NF4_CODEBOOK", "Nf4Weight",
            "create_dynamic_map", "dequantize_scales", "double_quantize", "frozen", "loftq_init",
            "make_state", "new_adapter", "quantize_weight"]
 
 NESTED_BLOCK = int(_core.NESTED_BLOCK)
 NF4_CODEBOOK = np.array(_core.NF4_CODEBOOK, dtype=np.float32)
 NF4_CODEBOOK.setflags(write=False)
-NO_ADAPTERS: Mapping[str, "Adapter"] = types.MappingProxyType({})
+# The default adapter (``set_lora``) is addressed as this name or slot 0 in mixed batches.
+DEFAULT_ADAPTER = "default"
 
 
 def frozen(arr: np.ndarray) -> np.ndarray:
@@ -97,13 +97,78 @@ class Adapter(NamedTuple):
         return self._replace(a=_own(self.a), b=_own(self.b))
 
 
+class AdapterSet(Mapping[str, Adapter]):
+    """The named adapters of a layer: an immutable mapping of name to :class:`Adapter`, with
+    the integer slot of each (1, 2, 3, ... in the order they were first added; slot 0 is the
+    default adapter). ``next_slot`` is the slot the next new name gets: slots are never reused,
+    so a slot a server cached can never come to mean another adapter.
+
+    :meth:`put` and :meth:`without` return a new set (a copy of the small name tables; the
+    adapters' arrays are shared, never copied)."""
+
+    __slots__ = ("_by_name", "_slots", "next_slot", "keys", "by_slot")
+
+    def __init__(self, adapters: Mapping[str, tuple[int, Adapter]] | None = None,
+                 next_slot: int = 1) -> None:
+        items = dict(adapters or {})
+        self._by_name = {name: ad for name, (_, ad) in items.items()}
+        self._slots = {name: slot for name, (slot, _) in items.items()}
+        self.next_slot = max([next_slot, *(s + 1 for s in self._slots.values())])
+        # For a mixed batch: what each row may say (a name, a slot, "default" or 0 for the
+        # default adapter, None or -1 for the base only) -> slot, and slot -> adapter.
+        keys: dict = {None: -1, -1: -1, DEFAULT_ADAPTER: 0, 0: 0}
+        keys.update(self._slots)
+        keys.update({s: s for s in self._slots.values()})
+        self.keys = keys
+        self.by_slot = {s: self._by_name[n] for n, s in self._slots.items()}
+
+    def __getitem__(self, name: str) -> Adapter:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def slot(self, name: str) -> int:
+        """The slot of adapter ``name`` (KeyError if there is none)."""
+        return self._slots[name]
+
+    def slots(self) -> dict[str, int]:
+        """A new dict of name to slot."""
+        return dict(self._slots)
+
+    def put(self, name: str, adapter: Adapter) -> "AdapterSet":
+        """A set with ``adapter`` under ``name``: a replaced name keeps its slot, a new name
+        takes ``next_slot``."""
+        items = {n: (self._slots[n], a) for n, a in self._by_name.items()}
+        slot = self._slots.get(name, self.next_slot)
+        items[name] = (slot, adapter)
+        return AdapterSet(items, max(self.next_slot, slot + 1))
+
+    def without(self, name: str) -> "AdapterSet":
+        """A set without ``name`` (KeyError if absent); ``next_slot`` is kept."""
+        self._by_name[name]
+        items = {n: (self._slots[n], a) for n, a in self._by_name.items() if n != name}
+        return AdapterSet(items, self.next_slot)
+
+    def owned(self) -> "AdapterSet":
+        """The same set with every array copied."""
+        return AdapterSet({n: (self._slots[n], a.owned()) for n, a in self._by_name.items()},
+                          self.next_slot)
+
+
+NO_ADAPTERS = AdapterSet()
+
+
 class LayerState(NamedTuple):
     """Everything a layer computes with. ``tensor`` is the core's view of ``weight``."""
 
     weight: Nf4Weight
     tensor: _core.Nf4Tensor
     lora: Adapter
-    adapters: Mapping[str, Adapter]
+    adapters: AdapterSet
     bias: np.ndarray | None
 
 
@@ -112,11 +177,11 @@ def _own(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def make_state(weight: Nf4Weight, lora: Adapter, bias: np.ndarray | None,
-               adapters: Mapping[str, Adapter] | None = None) -> LayerState:
+               adapters: AdapterSet | None = None) -> LayerState:
     """A :class:`LayerState`; builds the core's view of ``weight`` (ValueError if the arrays do
     not fit its shape)."""
-    named = NO_ADAPTERS if not adapters else types.MappingProxyType(dict(adapters))
-    return LayerState(weight, weight.tensor(), lora, named, bias)
+    return LayerState(weight, weight.tensor(), lora,
+                      NO_ADAPTERS if adapters is None else adapters, bias)
 
 
 def quantize_weight(w: np.ndarray, group_size: int, double_quant: bool) -> Nf4Weight:

@@ -32,8 +32,8 @@ from ._state import (Adapter, LayerState, Nf4Weight, loftq_init, new_adapter,
                      quantize_weight)
 from ._validate import as_float32, check_bool, check_int
 
-__all__ = ["Gradients", "SavedForBackward", "backward", "check_dropout", "forward_train",
-           "initial_weights", "train_state"]
+__all__ = ["Gradients", "SavedForBackward", "TrainMethods", "backward", "check_dropout",
+           "forward_train", "initial_weights", "train_state"]
 
 _F32 = np.dtype(np.float32)
 _SEED_MAX = 2**64 - 1
@@ -146,7 +146,7 @@ def train_state(state: LayerState, a: np.ndarray, b: np.ndarray, scaling: float,
     return state._replace(lora=Adapter(a, b, float(scaling)), bias=bias)
 
 
-# QLoraLinear.forward_train(x, ...) is this with its state and itself; the docstring is the
+# TrainMethods.forward_train is this with the layer's state and the layer; the docstring is the
 # method's. The torch bridge passes a state from train_state() instead.
 def forward_train(state: LayerState, layer: object, x: object, dropout: object = 0.0,
                   seed: object = 0, precision: object = None):
@@ -208,7 +208,7 @@ def forward_train(state: LayerState, layer: object, x: object, dropout: object =
     return y, SavedForBackward(x, u, p, seed, precision, state, layer)
 
 
-# QLoraLinear.backward(saved, grad_y, ...) is this with itself; the docstring is the method's.
+# TrainMethods.backward is this with the layer; the docstring is the method's.
 def backward(layer: object, saved: object, grad_y: object, input_grad: object = True,
              bias_grad: object = None) -> Gradients:
     """The gradients of a loss through the training forward that returned ``saved``.
@@ -272,3 +272,27 @@ def backward(layer: object, saved: object, grad_y: object, input_grad: object = 
         _core.backward(state.tensor, x, lora.a, lora.b, lora.scaling, u, g, dx, da, db, dbias,
                        saved.dropout, saved.seed)
     return Gradients(dx, da, db, dbias)
+
+
+class TrainMethods:
+    """``forward_train`` and ``backward``, a mixin of :class:`qlora.QLoraLinear` (which gives
+    ``_read_state``). They train the layer's default adapter (``lora_a``, ``lora_b``); named
+    adapters do not take part."""
+
+    __slots__ = ()
+
+    def _read_state(self) -> LayerState:  # pragma: no cover - QLoraLinear defines it
+        raise NotImplementedError
+
+    def forward_train(self, x: object, *, dropout: float = 0.0, seed: int = 0,
+                      precision: str | None = None) -> tuple[np.ndarray, SavedForBackward]:
+        # The state is read once: one consistent state for the whole call.
+        return forward_train(self._read_state(), self, x, dropout, seed, precision)
+
+    def backward(self, saved: SavedForBackward, grad_y: object, *, input_grad: bool = True,
+                 bias_grad: bool | None = None) -> Gradients:
+        return backward(self, saved, grad_y, input_grad, bias_grad)
+
+
+TrainMethods.forward_train.__doc__ = forward_train.__doc__
+TrainMethods.backward.__doc__ = backward.__doc__

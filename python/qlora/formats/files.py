@@ -10,12 +10,21 @@ Tensors of a layer named ``NAME`` (any string; dots allowed):
 ``NAME.lora_a``         float32 (rank, in_features)
 ``NAME.lora_b``         float32 (out_features, rank)
 ``NAME.bias``           float32 (out_features,)                  optional
+``NAME.lora_a.SLOT``    float32 (rank, in_features)              named adapter of slot SLOT
+``NAME.lora_b.SLOT``    float32 (out_features, rank)             (none for a rank-0 placeholder)
 
-``__metadata__`` (string values): ``format = "qlora"``, ``format_version = "1"``,
+(A key ends in a fixed word or in ``lora_a.``/``lora_b.`` and digits, so the keys of two
+layers never collide whatever their names.)
+
+``__metadata__`` (string values): ``format = "qlora"``, ``format_version`` (``"1"``, or ``"2"``
+when a layer holds named adapters, so a qlora that predates them refuses such a file instead of
+silently dropping the adapters; both are read),
 ``codes_layout`` (a fingerprint of the core's packing, so a file written with another layout is
 refused rather than misread), and ``layers``: JSON
 ``{NAME: {out_features, in_features, group_size, rank, alpha, scaling, double_quant,
-nested_offset, bias}}``. Other tensors may share the file (``qlora quantize`` carries the
+nested_offset, bias, adapters, next_slot}}`` where the version-2-only ``adapters`` is a list of
+``{name, slot, rank, scaling}`` and ``next_slot`` the slot the layer gives its next new adapter.
+Other tensors may share the file (``qlora quantize`` carries the
 checkpoint's non-matrix tensors over); the loader ignores them after validating them.
 
 This module converts :class:`qlora._state.LayerState` values; ``qlora.save_layers`` and
@@ -33,15 +42,17 @@ from typing import Mapping
 import numpy as np
 
 from .. import _core
-from .._state import Adapter, LayerState, Nf4Weight, make_state
+from .._state import Adapter, AdapterSet, LayerState, Nf4Weight, frozen, make_state
 from .._validate import check_f32_range
 from .safetensors import SafetensorsFile, no_duplicates, write_safetensors
 
-__all__ = ["CODES_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "SUFFIXES", "layer_tensors",
+__all__ = ["ADAPTERS_VERSION", "CODES_LAYOUT", "FORMAT_NAME", "FORMAT_VERSION", "SUFFIXES", "layer_tensors",
            "layers_metadata", "read_layers", "read_layers_metadata", "write_layers"]
 
 FORMAT_NAME = "qlora"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # written when no layer holds named adapters
+ADAPTERS_VERSION = "2"  # written when one does
+READ_VERSIONS = (FORMAT_VERSION, ADAPTERS_VERSION)
 
 
 def _codes_layout() -> str:
@@ -81,6 +92,11 @@ def layer_tensors(name: str, state: LayerState) -> list[tuple[str, np.ndarray, N
     out += [(f"{name}.lora_a", lora.a, None), (f"{name}.lora_b", lora.b, None)]
     if state.bias is not None:
         out.append((f"{name}.bias", state.bias, None))
+    named = state.adapters
+    for ad_name, ad in named.items():
+        if ad.rank:
+            slot = named.slot(ad_name)
+            out += [(f"{name}.lora_a.{slot}", ad.a, None), (f"{name}.lora_b.{slot}", ad.b, None)]
     return out
 
 
@@ -95,7 +111,14 @@ def layers_metadata(states: Mapping[str, LayerState]) -> dict[str, str]:
             "scaling": lora.scaling, "double_quant": w.qscales is not None,
             "nested_offset": float(w.nested_offset), "bias": state.bias is not None,
         }
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        if state.adapters:
+            named = state.adapters
+            info[name]["adapters"] = [{"name": n, "slot": named.slot(n), "rank": ad.rank,
+                                       "scaling": ad.scaling} for n, ad in named.items()]
+            info[name]["next_slot"] = named.next_slot
+    version = (ADAPTERS_VERSION if any(s.adapters for s in states.values())
+               else FORMAT_VERSION)
+    return {"format": FORMAT_NAME, "format_version": version,
             "codes_layout": CODES_LAYOUT, "layers": json.dumps(info)}
 
 
@@ -206,10 +229,49 @@ class _Reader:
         if dq and not np.isfinite(weight.decoded_scales()).all():
             raise self.fail(f"tensor {name + '.nested_map'!r}", "nested_map * nested_scales + "
                             "nested_offset overflows float32: the decoded scales hold inf")
+        named = self.adapters(name, info, out_f, in_f)
         try:
-            return make_state(weight, Adapter(a, b, scaling), bias)
+            return make_state(weight, Adapter(a, b, scaling), bias, named)
         except ValueError as exc:  # the core's own checks; should not trigger after ours
             raise self.fail(f"layers[{name!r}]", str(exc)) from None
+
+
+    def adapters(self, name: str, info: dict, out_f: int, in_f: int) -> AdapterSet | None:
+        """The named adapters of a layer (None when the metadata lists none)."""
+        if "adapters" not in info:
+            return None
+        field = f"layers[{name!r}].adapters"
+        listed = info["adapters"]
+        if not isinstance(listed, list):
+            raise self.fail(field, f"must be a JSON list, got {type(listed).__name__}")
+        items: dict = {}
+        for i, entry in enumerate(listed):
+            if not isinstance(entry, dict):
+                raise self.fail(f"{field}[{i}]", "must be a JSON object")
+            ad_name = entry.get("name")
+            if not isinstance(ad_name, str) or not ad_name or ad_name == "default":
+                raise self.fail(f"{field}[{i}].name", f"must be a non-empty string other than "
+                                f"'default', got {ad_name!r:.80}")
+            where = f"{name}.adapters[{ad_name!r}]"
+            slot = self.meta_int(where, entry, "slot", 1, 1 << 62)
+            rank = self.meta_int(where, entry, "rank", 0, MAX_DIM)
+            scaling = self.meta_float(where, entry, "scaling", positive=True)
+            if ad_name in items or slot in {s for s, _ in items.values()}:
+                raise self.fail(f"{field}[{i}]", f"repeats the name {ad_name!r} or the slot "
+                                f"{slot}")
+            keys = (f"{name}.lora_a.{slot}", f"{name}.lora_b.{slot}")
+            if rank:
+                a = self.finite(keys[0], self.tensor(keys[0], "F32", (rank, in_f)))
+                b = self.finite(keys[1], self.tensor(keys[1], "F32", (out_f, rank)))
+            else:
+                if any(k in self.st.tensors for k in keys):
+                    raise self.fail(f"tensor {keys[0]!r}", "is present but the adapter has "
+                                    "rank 0")
+                a = frozen(np.zeros((0, in_f), np.float32))
+                b = frozen(np.zeros((out_f, 0), np.float32))
+            items[ad_name] = (slot, Adapter(a, b, scaling))
+        next_slot = self.meta_int(name, info, "next_slot", 1, 1 << 62)
+        return AdapterSet(items, next_slot)
 
 
 def read_layers_metadata(st: SafetensorsFile) -> dict:
@@ -220,9 +282,9 @@ def read_layers_metadata(st: SafetensorsFile) -> dict:
         raise st.error("__metadata__.format", f"must be {FORMAT_NAME!r} (a file written by "
                        f"qlora), got {fmt!r}")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise st.error("__metadata__.format_version", f"version {version!r} is not supported "
-                       f"(this qlora reads version {FORMAT_VERSION})")
+                       f"(this qlora reads versions {', '.join(READ_VERSIONS)})")
     layout = meta.get("codes_layout")
     if layout != CODES_LAYOUT:
         raise st.error("__metadata__.codes_layout", f"must be {CODES_LAYOUT!r}, got {layout!r}")

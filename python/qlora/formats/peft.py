@@ -123,15 +123,133 @@ class LoraWeights:
                 f"scaling={self.scaling:g})")
 
 
-def _pattern_value(patterns: dict, module: str, default: Any, field: str,
-                   config_path: str) -> Any:
-    for key, value in patterns.items():
-        try:
-            match = re.match(rf"(.*\.)?({key})$", module)
-        except (re.error, OverflowError, RecursionError) as exc:
-            raise ValueError(f"{config_path}: {field}: key {key!r:.80} is not a valid regular "
-                             f"expression ({exc})") from None
-        if match:
+# rank_pattern / alpha_pattern keys are module paths or short regexes (well under 100
+# characters in real configs); a longer key is refused rather than matched.
+MAX_PATTERN_KEY = 256
+# A regex key with q repeating quantifiers may backtrack ~len(module) ** (q + 1) steps; above
+# this bound (about a second of matching) the pair is refused. Real keys have at most a few
+# quantifiers and module paths under 100 characters (e.g. 3 and 80: 4e7).
+MAX_MATCH_STEPS = 10 ** 9
+_QUANTIFIER_START = "*+?{"
+_REPEAT = re.compile(r"\{\d*(,\d*)?\}")
+
+
+def _repeats(braces: str) -> bool:
+    """Whether ``{m}``, ``{m,}``, ``{,n}`` or ``{m,n}`` may repeat its atom more than once."""
+    parts = braces[1:-1].split(",")
+    high = parts[-1]
+    return high == "" or int(high) > 1 if len(parts) == 2 else int(parts[0] or 0) > 1
+
+
+def _backtracking_risk(key: str) -> tuple[str | None, int]:
+    """Why matching regex `key` could backtrack exponentially (or None), and how many
+    repeating quantifiers it holds.
+
+    That happens when a group repeated by ``*``, ``+`` or ``{m,n}`` holds a quantifier or an
+    alternation, as in ``(a+)+`` or ``(a|a)*``: the ways to split a string among the
+    repetitions multiply. (An optional group, ``(...)?``, is not repeated.) Keys without such
+    a group match in polynomial time: up to about ``len(module) ** (q + 1)`` steps for ``q``
+    repeating quantifiers (PEFT's ``(.*\\.)?`` prefix adds one). A scan of the pattern's
+    text: escapes and character classes are skipped, groups are tracked on a stack.
+    """
+    stack = [[False, False]]  # per open group: holds a quantifier, holds an alternation
+    last_group = None  # the flags of a group that just closed (the atom a quantifier binds)
+    repeating = 0
+    i, n = 0, len(key)
+    while i < n:
+        c = key[i]
+        atom = None
+        if c == "\\":
+            i += 2
+        elif c == "[":
+            j = i + 1
+            if j < n and key[j] == "^":
+                j += 1
+            if j < n and key[j] == "]":
+                j += 1
+            while j < n and key[j] != "]":
+                j += 2 if key[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            stack.append([False, False])
+            i += 1
+            if i < n and key[i] == "?":  # (?:, (?P<name>, (?=, flags: not a quantifier
+                i += 1
+        elif c == ")":
+            atom = stack.pop() if len(stack) > 1 else [False, False]
+            stack[-1][0] |= atom[0]  # the enclosing group holds what this one holds
+            stack[-1][1] |= atom[1]
+            i += 1
+        elif c == "|":
+            stack[-1][1] = True
+            i += 1
+        elif c in _QUANTIFIER_START:
+            m = _REPEAT.match(key, i) if c == "{" else None
+            if c == "{" and m is None:
+                i += 1  # a literal brace
+            else:
+                repeats = c in "*+" or (m is not None and _repeats(m.group()))
+                if repeats and last_group is not None and (last_group[0] or last_group[1]):
+                    return ("a repeated group holds a quantifier or an alternation (nested "
+                            "quantifiers, as in '(a+)+' or '(a|b)*'), which can make matching "
+                            "backtrack exponentially"), repeating
+                repeating += repeats
+                stack[-1][0] = True
+                i = m.end() if m else i + 1
+                if i < n and key[i] in "?+":  # lazy or possessive form of the same quantifier
+                    i += 1
+        else:
+            i += 1
+        last_group = atom
+    return None, repeating
+
+
+def _key_matcher(key: object, field: str, config_path: str):
+    """A function ``module -> bool`` deciding, as PEFT's ``get_pattern_key`` does, whether
+    pattern key `key` applies to a module path: ``re.match(rf"(.*\\.)?({key})$", module)``.
+
+    A key without regex metacharacters (dots included: ``.`` matches any character) is
+    compared as text: for a module path without a newline, the regex matches exactly when
+    the path is the key or ends with ``"." + key`` (``$`` may also match before a final
+    newline, and ``.*`` stops at newlines, so paths holding one take the regex).
+    """
+    if not isinstance(key, str):  # JSON object keys are strings; be safe anyway
+        raise ValueError(f"{config_path}: {field}: key {key!r:.80} must be a string")
+    if len(key) > MAX_PATTERN_KEY:
+        raise ValueError(f"{config_path}: {field}: key {key!r:.80}... is {len(key)} characters "
+                         f"long; at most {MAX_PATTERN_KEY} (module paths and patterns are far "
+                         "shorter)")
+    risk, repeating = _backtracking_risk(key)
+    if risk is not None:
+        raise ValueError(f"{config_path}: {field}: key {key!r:.80} is refused: {risk}")
+    try:
+        regex = re.compile(rf"(.*\.)?({key})$")
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise ValueError(f"{config_path}: {field}: key {key!r:.80} is not a valid regular "
+                         f"expression ({exc})") from None
+    if re.escape(key) != key:
+        def matches(module: str) -> bool:
+            if len(module) ** (repeating + 1) > MAX_MATCH_STEPS:
+                raise ValueError(f"{config_path}: {field}: key {key!r:.80} has {repeating} "
+                                 f"repeating quantifiers; matching it against module path "
+                                 f"{module!r:.80} ({len(module)} characters) could take "
+                                 f"~{len(module)}**{repeating + 1} steps (at most "
+                                 f"{MAX_MATCH_STEPS:.0e})")
+            return regex.match(module) is not None
+        return matches
+    suffix = "." + key
+    return lambda module: (module == key or module.endswith(suffix) if "\n" not in module
+                           else regex.match(module) is not None)
+
+
+def _pattern_matchers(patterns: dict, field: str, config_path: str) -> list:
+    """(matcher, value) per key, in the file's order (the first match wins, as in PEFT)."""
+    return [(_key_matcher(key, field, config_path), value) for key, value in patterns.items()]
+
+
+def _pattern_value(matchers: list, module: str, default: Any) -> Any:
+    for matches, value in matchers:
+        if matches(module):
             return value
     return default
 
@@ -245,6 +363,8 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
     for field, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if not isinstance(pat, dict):
             raise bad(field, f"must be an object, got {type(pat).__name__}")
+    rank_matchers = _pattern_matchers(rank_pattern, "rank_pattern", config_path)
+    alpha_matchers = _pattern_matchers(alpha_pattern, "alpha_pattern", config_path)
 
     st = SafetensorsFile(weights_path, mmap=False)
     modules: dict[str, dict[str, str]] = {}
@@ -277,8 +397,8 @@ def load_peft_adapter(folder: str | os.PathLike) -> dict[str, LoraWeights]:
         if b.shape[1] != rank:
             raise st.error(f"tensor {keys['b']!r} shape", f"must be (out_features, {rank}) to "
                            f"match lora_A {a.shape}, got {b.shape}")
-        mod_r = _pattern_value(rank_pattern, module, r, "rank_pattern", config_path)
-        mod_alpha = _pattern_value(alpha_pattern, module, alpha, "alpha_pattern", config_path)
+        mod_r = _pattern_value(rank_matchers, module, r)
+        mod_alpha = _pattern_value(alpha_matchers, module, alpha)
         if type(mod_r) is not int or mod_r != rank:
             raise st.error(f"tensor {keys['a']!r} shape", f"has rank {rank} but the config "
                            f"gives module {module!r} r = {mod_r!r}")

@@ -1,8 +1,10 @@
 """The pickle state of a layer: a :class:`qlora._state.LayerState` as a dict of builtins and
 NumPy arrays under a format version, and back.
 
-Version 1 (the only one so far): ``version, out_features, in_features, group_size, codes,
-scales, qscales, nested_scales, nested_map, nested_offset, lora_a, lora_b, scaling, bias``.
+Version 1: ``version, out_features, in_features, group_size, codes, scales, qscales,
+nested_scales, nested_map, nested_offset, lora_a, lora_b, scaling, bias``. Version 2 (written
+only when the layer holds named adapters, so older qlora refuses such a pickle instead of
+dropping them) adds ``adapters`` (a list of ``{name, slot, a, b, scaling}``) and ``next_slot``.
 A dict of another version is refused with the versions this qlora reads; an old pickle is kept
 as a test fixture (``tests/data/layer_v1.pkl``) so every version stays readable.
 """
@@ -11,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._state import Adapter, LayerState, Nf4Weight, frozen, make_state
+from .._state import Adapter, AdapterSet, LayerState, Nf4Weight, frozen, make_state
 from .._validate import check_f32_range, check_scaling
 
 __all__ = ["PICKLE_VERSION", "state_from_dict", "state_to_dict"]
 
 PICKLE_VERSION = 1
+ADAPTERS_VERSION = 2
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
 
@@ -28,8 +31,8 @@ def state_to_dict(state: LayerState) -> dict:
     def plain(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else np.asarray(a)
 
-    return {
-        "version": PICKLE_VERSION,
+    out = {
+        "version": ADAPTERS_VERSION if state.adapters else PICKLE_VERSION,
         "out_features": w.out_features,
         "in_features": w.in_features,
         "group_size": w.group_size,
@@ -44,6 +47,12 @@ def state_to_dict(state: LayerState) -> dict:
         "scaling": lora.scaling,
         "bias": state.bias,
     }
+    if state.adapters:
+        named = state.adapters
+        out["adapters"] = [{"name": n, "slot": named.slot(n), "a": ad.a, "b": ad.b,
+                            "scaling": ad.scaling} for n, ad in named.items()]
+        out["next_slot"] = named.next_slot
+    return out
 
 
 def state_from_dict(state: dict) -> LayerState:
@@ -56,10 +65,10 @@ def state_from_dict(state: dict) -> LayerState:
         scaling or offset is not a float32 the core can compute with.
     """
     version = state.get("version")
-    if version != PICKLE_VERSION:
+    if version not in (PICKLE_VERSION, ADAPTERS_VERSION):
         raise ValueError(
             f"cannot unpickle QLoraLinear: format version {version!r} is not supported "
-            f"(this qlora reads version {PICKLE_VERSION})"
+            f"(this qlora reads versions {PICKLE_VERSION} and {ADAPTERS_VERSION})"
         )
 
     def arr(key: str, dtype: np.dtype) -> np.ndarray | None:
@@ -74,4 +83,21 @@ def state_from_dict(state: dict) -> LayerState:
     )
     lora = Adapter(arr("lora_a", _F32), arr("lora_b", _F32),
                    check_scaling(state["scaling"], "scaling"))
-    return make_state(weight, lora, arr("bias", _F32))
+    named = None
+    if version == ADAPTERS_VERSION:
+        items = {}
+        listed = state.get("adapters")
+        if not isinstance(listed, list) or type(state.get("next_slot")) is not int:
+            raise ValueError("cannot unpickle QLoraLinear: a version-2 state needs a list "
+                             "'adapters' and an int 'next_slot'")
+        for entry in listed:
+            a = frozen(np.array(entry["a"], dtype=_F32, copy=True))
+            b = frozen(np.array(entry["b"], dtype=_F32, copy=True))
+            if a.ndim != 2 or b.shape != (weight.out_features, a.shape[0]) or (
+                    a.shape[1] != weight.in_features) or str(entry["name"]) in items:
+                raise ValueError(f"cannot unpickle QLoraLinear: adapter {entry['name']!r} has "
+                                 f"shapes {a.shape} and {b.shape} or is repeated")
+            items[str(entry["name"])] = (int(entry["slot"]),
+                                         Adapter(a, b, check_scaling(entry["scaling"], "scaling")))
+        named = AdapterSet(items, int(state["next_slot"]))
+    return make_state(weight, lora, arr("bias", _F32), named)

@@ -28,9 +28,24 @@ import numpy as np
 __all__ = ["SafetensorsFile", "TensorInfo", "bf16_to_float32", "bits_of", "nbytes_of",
            "no_duplicates", "require_regular_file", "write_safetensors"]
 
-# The reference implementation refuses headers above 100 MB; so do we.
-MAX_HEADER_BYTES = 100_000_000
+# Header limits. The format allows 100 MB of header; qlora reads at most 16 MiB and 131,072
+# tensors. Parsing JSON costs many times its size in Python objects: ~20x for tensor entries
+# kept as dicts and lists (a 100 MB header took > 1 GiB), ~4x now that each entry becomes a
+# compact tuple as it is parsed, and up to ~25x for hostile JSON (e.g. a list of empty lists,
+# which the parser builds before any check sees it), so the cap bounds a header to ~400 MB in
+# the worst case. Real files are far below it: Hugging Face shards of 70B-class models have
+# headers of tens of KB (MoE shards with ~1,000 tensors a few hundred KB), and ``qlora
+# quantize`` of a whole model in one file writes 3,520 tensors in 0.53 MB of header for a
+# Llama-3-70B shape, 5,544 in 0.85 MB for 405B and 5,632 in 0.9 MB for Mixtral-8x7B: 18x
+# headroom or more. (A fine-grained MoE merged into one file, e.g. 128 experts x 48 layers,
+# would need 18 MB: quantize such models shard by shard.) The writer refuses to write a file
+# beyond these limits, so qlora never writes a file it cannot read.
+MAX_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 1 << 17
 MAX_NDIM = 16
+_WHY_LIMITS = ("qlora reads safetensors headers of at most 16 MiB and 131072 tensors (the format "
+               "allows 100 MB) to bound the memory a hostile header can take; real checkpoints "
+               "and qlora's own files stay far below")
 
 # safetensors dtype name -> NumPy dtype (little-endian). BF16 has no NumPy dtype: its raw
 # 16-bit patterns are exposed as uint16 (see bf16_to_float32).
@@ -117,6 +132,82 @@ def _is_int(v: object) -> bool:
     return type(v) is int
 
 
+class _TooManyTensors(Exception):
+    pass
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+# The table's own strings, so every entry shares one "F32" object instead of holding a copy.
+_DTYPE_NAMES = {name: name for name in _BITS}
+
+
+class _Entry(NamedTuple):
+    """A header entry checked as it was parsed: ``info`` is (dtype, shape, begin, end), or
+    ``problem`` is (field suffix, message) for the caller to report under the entry's name."""
+
+    info: tuple | None
+    problem: tuple[str, str] | None
+
+
+class _EntryHook:
+    """``object_pairs_hook`` that turns each tensor entry into a compact checked :class:`_Entry`
+    while ``json.loads`` parses (so no dict and lists per tensor stay alive), counts entries
+    (stopping the parse beyond :data:`MAX_TENSORS`) and refuses duplicate keys."""
+
+    def __init__(self, data_size: int) -> None:
+        self.data_size = data_size
+        self.count = 0
+
+    def __call__(self, pairs: list) -> object:
+        if len(pairs) != 3 or {k for k, _ in pairs} != _ENTRY_KEYS:
+            return no_duplicates(pairs)
+        self.count += 1
+        if self.count > MAX_TENSORS:
+            raise _TooManyTensors
+        entry = dict(pairs)
+        try:
+            return _Entry(self.check(entry["dtype"], entry["shape"], entry["data_offsets"]),
+                          None)
+        except _EntryProblem as exc:
+            return _Entry(None, exc.args)
+
+    def check(self, dtype: object, shape: object, offsets: object) -> tuple:
+        if not isinstance(dtype, str):
+            raise _EntryProblem(" dtype", f"must be a string, got {dtype!r:.80}")
+        bits = bits_of(dtype)
+        if bits is None:
+            raise _EntryProblem(" dtype", f"unknown dtype {dtype!r:.80}: its element size is "
+                                f"unknown, so its data_offsets cannot be checked (known: "
+                                f"{', '.join(sorted(_BITS))})")
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(_is_int(d) and d >= 0 for d in shape)):
+            raise _EntryProblem(" shape", f"must be a list of at most {MAX_NDIM} non-negative "
+                                f"integers, got {shape!r:.200}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(_is_int(o) and o >= 0 for o in offsets)):
+            raise _EntryProblem(" data_offsets", f"must be [begin, end] non-negative integers, "
+                                f"got {offsets!r:.200}")
+        begin, end = offsets
+        if begin > end or end > self.data_size:
+            raise _EntryProblem(" data_offsets", f"[{begin}, {end}] is not a range inside the "
+                                f"{self.data_size} bytes of data")
+        count = nonzero = 1
+        for d in shape:  # Python ints: no overflow (at most 16 factors)
+            count *= d
+            nonzero *= max(d, 1)
+        if nonzero * bits >= 2 ** 66:  # NumPy cannot even describe such an array
+            raise _EntryProblem(" shape", f"{shape} is too large")
+        need = nbytes_of(dtype, count)
+        if need != end - begin:
+            raise _EntryProblem(" shape", f"shape {shape} of {dtype} needs {need} bytes, but "
+                                f"data_offsets give {end - begin}")
+        return _DTYPE_NAMES[dtype], tuple(shape), begin, end
+
+
+class _EntryProblem(Exception):
+    pass
+
+
 class SafetensorsFile:
     """A validated safetensors file: its header, metadata and (lazily) its tensors.
 
@@ -172,24 +263,34 @@ class SafetensorsFile:
             raise self.error("header length", f"file is {size} bytes, too short to be a "
                              "safetensors file (needs at least the 8-byte header length)")
         (n,) = struct.unpack("<Q", f.read(8))
-        if n < 2 or n > MAX_HEADER_BYTES:
-            raise self.error("header length", f"{n} is outside 2..{MAX_HEADER_BYTES}; not a "
-                             "safetensors file or a damaged one")
+        if n < 2:
+            raise self.error("header length", f"{n} is below 2; not a safetensors file or a "
+                             "damaged one")
+        if n > MAX_HEADER_BYTES:
+            raise self.error("header length", f"{n} bytes is above qlora's limit of "
+                             f"{MAX_HEADER_BYTES} ({_WHY_LIMITS}); not a safetensors file, a "
+                             "damaged one, or one with an unusually large header")
         if n > size - 8:
             raise self.error("header length", f"header of {n} bytes does not fit in a file of "
                              f"{size} bytes (truncated?)")
         raw = f.read(n)
         if len(raw) != n:
             raise self.error("header", f"expected {n} bytes, read {len(raw)}")
-        try:
-            text = raw.decode("utf-8")
-            header = json.loads(text, object_pairs_hook=no_duplicates)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise self.error("header", f"not valid UTF-8 JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise self.error("header", f"must be a JSON object, got {type(header).__name__}")
         self.data_start = 8 + n
         self.data_size = size - self.data_start
+        hook = _EntryHook(self.data_size)
+        try:
+            text = raw.decode("utf-8")
+            del raw
+            header = json.loads(text, object_pairs_hook=hook)
+        except _TooManyTensors:
+            raise self.error("header", f"holds more than {MAX_TENSORS} tensors "
+                             f"({_WHY_LIMITS})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise self.error("header", f"not valid UTF-8 JSON ({exc})") from None
+        del text
+        if not isinstance(header, dict):
+            raise self.error("header", f"must be a JSON object, got {type(header).__name__}")
 
         meta = header.pop("__metadata__", None)
         if meta is None:
@@ -201,7 +302,14 @@ class SafetensorsFile:
 
         tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
-            tensors[name] = self._parse_entry(name, entry)
+            if not isinstance(entry, _Entry):
+                raise self.error(f"tensor {name!r}", "must be an object with exactly dtype, "
+                                 "shape, data_offsets")
+            if entry.problem is not None:
+                field, msg = entry.problem
+                raise self.error(f"tensor {name!r}{field}", msg)
+            tensors[name] = TensorInfo(name, *entry.info)
+        del header
         # The data section must be exactly covered by the tensors, in order, without gaps or
         # overlaps (as the reference implementation requires).
         pos = 0
@@ -215,42 +323,6 @@ class SafetensorsFile:
             raise self.error("data", f"tensors cover {pos} bytes but the file holds "
                              f"{self.data_size} bytes of data (truncated or padded file)")
         self.tensors = tensors
-
-    def _parse_entry(self, name: str, entry: object) -> TensorInfo:
-        field = f"tensor {name!r}"
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise self.error(field, "must be an object with exactly dtype, shape, data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str):
-            raise self.error(f"{field} dtype", f"must be a string, got {dtype!r}")
-        bits = bits_of(dtype)
-        if bits is None:
-            raise self.error(f"{field} dtype", f"unknown dtype {dtype!r}: its element size "
-                             f"is unknown, so its data_offsets cannot be checked (known: "
-                             f"{', '.join(sorted(_BITS))})")
-        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(_is_int(d) and d >= 0 for d in shape)):
-            raise self.error(f"{field} shape", f"must be a list of at most {MAX_NDIM} "
-                             f"non-negative integers, got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) and o >= 0 for o in offsets)):
-            raise self.error(f"{field} data_offsets", f"must be [begin, end] non-negative "
-                             f"integers, got {offsets!r}")
-        begin, end = offsets
-        if begin > end or end > self.data_size:
-            raise self.error(f"{field} data_offsets", f"[{begin}, {end}] is not a range inside "
-                             f"the {self.data_size} bytes of data")
-        count = nonzero = 1
-        for d in shape:  # Python ints: no overflow (at most 16 factors)
-            count *= d
-            nonzero *= max(d, 1)
-        if nonzero * bits >= 2 ** 66:  # NumPy cannot even describe such an array
-            raise self.error(f"{field} shape", f"{shape} is too large")
-        need = nbytes_of(dtype, count)
-        if need != end - begin:
-            raise self.error(f"{field} shape", f"shape {shape} of {dtype} needs "
-                             f"{need} bytes, but data_offsets give {end - begin}")
-        return TensorInfo(name, dtype, tuple(shape), begin, end)
 
     # ------------------------------------------------------------------ data
     def array(self, name: str) -> np.ndarray:
@@ -326,6 +398,12 @@ def write_safetensors(
     -------
     int
         The size of the file written.
+
+    Raises
+    ------
+    ValueError
+        If a name or a size is invalid, or the header would exceed :data:`MAX_TENSORS` or
+        :data:`MAX_HEADER_BYTES` (the reader's limits); nothing is written then.
     """
     items = []
     for entry in tensors:
@@ -353,6 +431,10 @@ def write_safetensors(
         pos += arr.nbytes
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-(8 + len(blob)) % 8)  # data starts 8-byte aligned
+    if len(items) > MAX_TENSORS or len(blob) > MAX_HEADER_BYTES:
+        raise ValueError(f"{os.fspath(path)}: {len(items)} tensors in a header of {len(blob)} "
+                         f"bytes: {_WHY_LIMITS}, so this file could not be read back; write "
+                         "fewer tensors per file")
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

@@ -36,6 +36,7 @@ from .machine import (blas_info, cpu_name, llc_bytes, machine_cpu_seconds, mem_t
                       own_cpu_seconds)
 from .methods import (COLD_CACHE_FACTOR, COLD_MEM_SHARE, GROUP_SIZE, METHOD_NAMES, ColdPlan,
                       Optional_, build_methods, import_optional, plan_copies, to_f64)
+from .adapters import ADAPTER_BATCHES, ADAPTER_SHAPES, bench_adapters
 from .report import Cell, Report, json_default, print_cells, print_header
 from .timing import Budget, measure, per_call
 
@@ -93,6 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time a training step instead (forward + backward, default 4096x4096 "
                    "and 14336x4096 at batch 1,32,128,512) beside torch autograd through "
                    "bitsandbytes Linear4bit + PEFT and fp32 nn.Linear + PEFT")
+    p.add_argument("--adapters", type=_batch_list, nargs="?", const=[1, 8, 32], default=None,
+                   metavar="N[,N...]",
+                   help="instead: serving many adapters; N adapters of --rank (and a mixed-rank "
+                   "8..64 case) per batch, rows spread evenly and shuffled: qlora single-adapter "
+                   "vs mixed batch vs per-adapter split vs PEFT adapter_names over Linear4bit "
+                   "(default N 1,8,32; shapes 4096x4096 14336x4096; batches 8,64,256)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.set_defaults(func=run)
@@ -257,9 +264,11 @@ def run(args: argparse.Namespace, out=None) -> int:
 
         return run_backward(args, out)
     out = out or sys.stdout
-    shapes = args.shape or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    adapters = getattr(args, "adapters", None)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else
+                            ADAPTER_SHAPES if adapters else DEFAULT_SHAPES)
     batches = sorted({b for group in args.batch for b in group}) if args.batch else (
-        QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
+        QUICK_BATCHES if args.quick else ADAPTER_BATCHES if adapters else DEFAULT_BATCHES)
     for o, i in shapes:
         if args.rank > min(o, i):
             raise ValueError(f"--rank must be <= min(out, in) = {min(o, i)} for shape {o}x{i}, "
@@ -351,16 +360,23 @@ def run(args: argparse.Namespace, out=None) -> int:
     t_start = time.perf_counter()
     machine0, own0 = machine_cpu_seconds(), own_cpu_seconds()
     rng = np.random.default_rng(args.seed)
+    figures = None
     try:
+        if adapters:
+            figures = bench_adapters(shapes, batches, adapters, args.rank, budget, opt, rng,
+                                     out)
+            shapes = []
         for o, i in shapes:
             _bench_shape(o, i, batches, args, budget, opt, wanted, report, rng, out, cold)
             out.flush()
-        print("\n== quantize / dequantize throughput (GB/s of fp32 weight)", file=out)
-        print(f"{'shape':>11}  {'op':<36} {'median ms':>10} {'GB/s':>7} {'reps':>4}", file=out)
-        for q in report.quantize:
-            print(f"{q['shape']:>11}  {q['op']:<36} {q['median_ms']:10.2f} "
-                  f"{q['fp32_gbs']:7.2f} {q['reps']:>4}", file=out)
-        _overhead(report, out)
+        if figures is None:
+            print("\n== quantize / dequantize throughput (GB/s of fp32 weight)", file=out)
+            print(f"{'shape':>11}  {'op':<36} {'median ms':>10} {'GB/s':>7} {'reps':>4}",
+                  file=out)
+            for q in report.quantize:
+                print(f"{q['shape']:>11}  {q['op']:<36} {q['median_ms']:10.2f} "
+                      f"{q['fp32_gbs']:7.2f} {q['reps']:>4}", file=out)
+            _overhead(report, out)
     finally:
         if limiter is not None:
             limiter.restore_original_limits()
@@ -382,7 +398,8 @@ def run(args: argparse.Namespace, out=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": report.meta, "notes": report.notes,
                        "forward": [asdict(c) for c in report.forward],
-                       "quantize": report.quantize, "overhead": report.overhead},
+                       "quantize": report.quantize, "overhead": report.overhead,
+                       **({"serving_adapters": figures} if figures else {})},
                       f, indent=1, default=json_default)
         print(f"wrote {args.json}", file=out)
     return 0
