@@ -281,3 +281,21 @@ def test_backward_converts_grad_y():
     a = layer.backward(saved, g)
     b = layer.backward(saved, np.asfortranarray(g.astype(np.float64)))
     np.testing.assert_array_equal(a.input, b.input)
+
+
+def test_bit_identical_across_thread_counts():
+    import qlora
+
+    layer, x, g = _setup(70, 300, 8, 64, 37, 11)
+    before = qlora.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            qlora.set_num_threads(n)
+            y, saved = layer.forward_train(x, dropout=0.2, seed=5)
+            results.append((y,) + tuple(layer.backward(saved, g)))
+    finally:
+        qlora.set_num_threads(before)
+    for other in results[1:]:
+        for got, ref in zip(other, results[0]):
+            np.testing.assert_array_equal(got, ref)
