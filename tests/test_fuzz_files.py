@@ -83,9 +83,11 @@ def _child_env(**extra: str) -> dict:
     if fuzz_corpus.asan_loaded():
         # No RLIMIT_AS under ASan (see fuzz_corpus.child_main): allocations over the child's
         # budget fail instead, as MemoryError.
+        # handle_segv=0: a crash stays a signal the harness reports with its seed (its
+        # self-test plants one on purpose); ASan still reports every memory error it detects.
         env["ASAN_OPTIONS"] = (env.get("ASAN_OPTIONS", "") +
                                f":allocator_may_return_null=1:max_allocation_size_mb="
-                               f"{fuzz_corpus.ADDRESS_SPACE_LIMIT >> 20}").lstrip(":")
+                               f"{fuzz_corpus.ADDRESS_SPACE_LIMIT >> 20}:handle_segv=0").lstrip(":")
     return env
 
 

@@ -41,7 +41,7 @@ def _tensor(out_f, in_f, group_size, seed=0, double_quant=False):
     w = np.random.default_rng(seed).standard_normal((out_f, in_f), dtype=np.float32)
     if double_quant:
         # The one place a layer's private tensor is used: double quantization has no _core entry.
-        t = QLoraLinear.from_weight(w, rank=1, group_size=group_size, double_quant=True)._tensor
+        t = QLoraLinear.from_weight(w, rank=1, group_size=group_size, double_quant=True)._state.tensor
     else:
         codes = np.empty(_core.packed_bytes(out_f, in_f), np.uint8)
         absmax = np.empty(_core.group_count(out_f * in_f, group_size), np.float32)

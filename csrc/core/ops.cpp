@@ -150,36 +150,69 @@ GemmChoice forward(const Nf4Weight& w, const float* x, int64_t batch, const Lora
   checked_mul(batch, cols, "batch * padded in_features");
   const KernelTable& k = active_kernels();
 
-  // The down projection u = x_r @ A^T of every segment, on the rows it covers. Rows that are one
-  // contiguous run are read in place; scattered rows are gathered first.
-  std::vector<std::vector<float>> u(static_cast<size_t>(n_loras));
+  // The down projection u = x_r @ A^T of every segment on the rows it covers, all segments in
+  // one parallel loop of jobs cut to about equal work. Listed rows are read in place, each run of
+  // consecutive rows one kernel call, never gathered: lora_down's sum for a row does not depend
+  // on the rows beside it. u and the jobs live in per-calling-thread buffers (workers see them
+  // through the pointers taken here), so a forward allocates nothing for them once warm.
+  struct DownJob {
+    int64_t seg, j0, j1;
+  };
+  thread_local std::vector<float> u_keep;
+  thread_local std::vector<int64_t> u_at_keep;
+  thread_local std::vector<DownJob> jobs_keep;
+  std::vector<float> u_big;
+  u_at_keep.assign(static_cast<size_t>(n_loras), 0);
+  int64_t u_total = 0, down_work = 0;
   for (int64_t i = 0; i < n_loras; ++i) {
     const LoraSegment& s = loras[i];
     const int64_t n = s.rows == nullptr ? batch : s.n_rows;
     if (s.rank == 0 || n == 0) continue;
-    std::vector<float>& ui = u[static_cast<size_t>(i)];
-    ui.resize(static_cast<size_t>(checked_mul(n, s.rank, "rows * rank")));
-    const float* xs = x;
-    std::vector<float> gathered;
-    if (s.rows != nullptr) {
-      if (s.rows[n - 1] - s.rows[0] == n - 1) {
-        xs = x + s.rows[0] * w.in_features;
-      } else {
-        gathered.resize(static_cast<size_t>(n * w.in_features));
-        for (int64_t j = 0; j < n; ++j) {
-          std::copy(x + s.rows[j] * w.in_features, x + (s.rows[j] + 1) * w.in_features,
-                    gathered.begin() + j * w.in_features);
-        }
-        xs = gathered.data();
-      }
-    }
-    const int64_t work = checked_mul(s.rank, w.in_features, "rank * in_features");
-    const int64_t bper = chunk_units(n, work, 1);
-    parallel_for((n + bper - 1) / bper, [&](int64_t t) {
-      const int64_t b0 = t * bper, b1 = std::min(n, b0 + bper);
-      k.lora_down(xs, w.in_features, s.a, s.rank, b0, b1, ui.data());
-    });
+    u_at_keep[static_cast<size_t>(i)] = u_total;
+    u_total += checked_mul(n, s.rank, "rows * rank");
+    down_work += checked_mul(n, checked_mul(s.rank, w.in_features, "rank * in_features"), "LoRA work");
   }
+  // Buffers kept between calls stay small; a huge batch gets its own for this call only.
+  constexpr int64_t kKeepFloats = int64_t{1} << 18;
+  float* u = nullptr;
+  if (u_total <= kKeepFloats) {
+    if (u_keep.size() < static_cast<size_t>(u_total)) u_keep.resize(static_cast<size_t>(u_total));
+    u = u_keep.data();
+  } else {
+    u_big.resize(static_cast<size_t>(u_total));
+    u = u_big.data();
+  }
+  const int64_t* u_at = u_at_keep.data();
+  jobs_keep.clear();
+  if (down_work > 0) {
+    const int64_t threads = get_num_threads();
+    const int64_t grain = (threads <= 1 || down_work < kMinParallelWork)
+                              ? down_work
+                              : std::max((down_work + threads * 4 - 1) / (threads * 4), kMinParallelWork / 4);
+    for (int64_t i = 0; i < n_loras; ++i) {
+      const LoraSegment& s = loras[i];
+      const int64_t n = s.rows == nullptr ? batch : s.n_rows;
+      if (s.rank == 0 || n == 0) continue;
+      const int64_t per = std::max<int64_t>(1, grain / (s.rank * w.in_features));
+      for (int64_t j0 = 0; j0 < n; j0 += per) jobs_keep.push_back({i, j0, std::min(n, j0 + per)});
+    }
+  }
+  const DownJob* jobs = jobs_keep.data();
+  parallel_for(static_cast<int64_t>(jobs_keep.size()), [&](int64_t t) {
+    const DownJob& job = jobs[t];
+    const LoraSegment& s = loras[job.seg];
+    float* us = u + u_at[job.seg];
+    if (s.rows == nullptr) {
+      k.lora_down(x, w.in_features, s.a, s.rank, job.j0, job.j1, us);
+      return;
+    }
+    for (int64_t j = job.j0; j < job.j1;) {
+      int64_t e = j + 1;
+      while (e < job.j1 && s.rows[e] == s.rows[e - 1] + 1) ++e;
+      k.lora_down(x + s.rows[j] * w.in_features, w.in_features, s.a, s.rank, 0, e - j, us + j * s.rank);
+      j = e;
+    }
+  });
 
   // The product kernel of each batch chunk, then the activations in the forms they need.
   const int64_t chunks = (batch + kBatchChunk - 1) / kBatchChunk;
@@ -247,10 +280,10 @@ GemmChoice forward(const Nf4Weight& w, const float* x, int64_t batch, const Lora
     // The LoRA terms of this chunk's rows, for the same output rows, while y is in cache.
     for (int64_t i = 0; i < n_loras; ++i) {
       const LoraSegment& s = loras[i];
-      if (s.rank == 0 || u[static_cast<size_t>(i)].empty()) continue;
+      if (s.rank == 0) continue;
       const auto [lo, hi] = rows_in(s, b0, b0 + nb);
       if (hi <= lo) continue;
-      k.lora_up(u[static_cast<size_t>(i)].data() + lo * s.rank, s.rank, s.b, s.scaling,
+      k.lora_up(u + u_at[i] + lo * s.rank, s.rank, s.b, s.scaling,
                 s.row_scale != nullptr ? s.row_scale + lo : nullptr,
                 s.rows != nullptr ? s.rows + lo : nullptr, hi - lo, w.out_features, task.r0,
                 task.r1, s.rows != nullptr ? y : y + lo * w.out_features);

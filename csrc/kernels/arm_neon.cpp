@@ -731,6 +731,82 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
   }
 }
 
+// lora_up, bit-identical to the scalar specification: 16 outputs per step as four vectors, each
+// lane the scalar arithmetic of its output (rounded products u[j, k] * B[o, k] added over k in
+// increasing order, then times the row's scale, then added to y; the build forbids FMA
+// contraction, so vmulq/vaddq round as the scalar code does). A tile of kLoraTile outputs of B
+// is copied k-major into scratch once per 16-output block and shared by every listed row,
+// kLoraRows rows at a time (4 rows x 4 accumulators and the 4 B vectors fit the 32 registers),
+// each row running along a contiguous piece of its y row rather than striding across rows.
+constexpr int kLoraRows = 4;
+constexpr int64_t kLoraTile = 256;
+
+template <int NR>
+void lora_up_rows(const float* u, int64_t rank, const float* bt, const float* scale, float* const* yrow, int64_t len) {
+  for (int64_t c = 0; c < len; c += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - c));
+    const float* btc = bt + c * rank;
+    float32x4_t acc[NR][4];
+    for (int i = 0; i < NR; ++i) {
+      for (int q = 0; q < 4; ++q) acc[i][q] = vdupq_n_f32(0.0f);
+    }
+    for (int64_t k = 0; k < rank; ++k) {
+      float32x4_t bk[4];
+      for (int q = 0; q < 4; ++q) bk[q] = vld1q_f32(btc + k * 16 + 4 * q);
+      for (int i = 0; i < NR; ++i) {
+        const float32x4_t uk = vdupq_n_f32(u[i * rank + k]);
+        for (int q = 0; q < 4; ++q) acc[i][q] = vaddq_f32(acc[i][q], vmulq_f32(uk, bk[q]));
+      }
+    }
+    for (int i = 0; i < NR; ++i) {
+      const float32x4_t s = vdupq_n_f32(scale[i]);
+      float* yc = yrow[i] + c;
+      if (n == 16) {
+        for (int q = 0; q < 4; ++q) vst1q_f32(yc + 4 * q, vaddq_f32(vld1q_f32(yc + 4 * q), vmulq_f32(s, acc[i][q])));
+      } else {
+        alignas(16) float t[16];
+        for (int q = 0; q < 4; ++q) vst1q_f32(t + 4 * q, vmulq_f32(s, acc[i][q]));
+        for (int l = 0; l < n; ++l) yc[l] += t[l];
+      }
+    }
+  }
+}
+
+void lora_up(const float* u, int64_t rank, const float* b, float scaling, const float* row_scale,
+             const int64_t* rows, int64_t n_rows, int64_t out_features, int64_t o_begin, int64_t o_end,
+             float* y) {
+  if (n_rows <= 0 || o_end <= o_begin) return;
+  thread_local std::vector<float> bt_buf;
+  bt_buf.resize(static_cast<size_t>(std::max<int64_t>(rank, 1) * kLoraTile));
+  float* bt = bt_buf.data();
+  for (int64_t t0 = o_begin; t0 < o_end; t0 += kLoraTile) {
+    const int64_t len = std::min(kLoraTile, o_end - t0);
+    for (int64_t c = 0; c < len; c += 16) {
+      float* btc = bt + c * rank;
+      for (int64_t k = 0; k < rank; ++k) {
+        for (int l = 0; l < 16; ++l) btc[k * 16 + l] = c + l < len ? b[(t0 + c + l) * rank + k] : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < n_rows; j += kLoraRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kLoraRows, n_rows - j));
+      float* yrow[kLoraRows];
+      float scale[kLoraRows];
+      for (int i = 0; i < nr; ++i) {
+        const int64_t r = rows != nullptr ? rows[j + i] : j + i;
+        yrow[i] = y + r * out_features + t0;
+        scale[i] = row_scale != nullptr ? row_scale[j + i] : scaling;
+      }
+      const float* uj = u + j * rank;
+      switch (nr) {
+        case 1: lora_up_rows<1>(uj, rank, bt, scale, yrow, len); break;
+        case 2: lora_up_rows<2>(uj, rank, bt, scale, yrow, len); break;
+        case 3: lora_up_rows<3>(uj, rank, bt, scale, yrow, len); break;
+        default: lora_up_rows<kLoraRows>(uj, rank, bt, scale, yrow, len); break;
+      }
+    }
+  }
+}
+
 KernelTable make_kernel_table() {
   KernelTable t;
   t.name = "neon";
@@ -739,8 +815,10 @@ KernelTable make_kernel_table() {
   t.quantize_rows = quantize_rows;
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
+  t.lora_up = lora_up;
   t.gemm_nf4_f32 = {forward_rows, kTileRows, 1};
-  t.gemm_nf4t_f32 = gemm_nf4t_f32; t.col_block = kBlockCols;
+  t.gemm_nf4t_f32 = gemm_nf4t_f32;
+  t.col_block = kBlockCols;
   return t;
 }
 

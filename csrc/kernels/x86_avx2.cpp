@@ -49,9 +49,10 @@ namespace {
 constexpr int kPanelUnits = 1;  // 16 output rows per GEMM panel: two YMM per batch row
 constexpr int kMaxMr = 6;       // 6 x 2 accumulators + 2 weight registers + 1 broadcast of 16
 constexpr int kGemvRows = 1;    // one row already needs 4 of the 16 registers for accumulators
-// With 16 registers the small-batch register path would spill; batches > 1 take the GEMM path.
-constexpr int64_t kSmallBatch = 0;
-constexpr int64_t kSmallBatchTile = 1;
+// Batches up to 8 run the register path one weight row at a time for 4 batch rows: 8
+// accumulators, the decoded block (4) and the table (2) fit the 16 YMM; x stays in memory.
+constexpr int64_t kSmallBatch = 8;
+constexpr int64_t kSmallBatchTile = 4;
 constexpr int kSmallRows = 1;
 
 struct F32x16 {
@@ -210,6 +211,7 @@ QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
 
 #include "x86_kernels_inl.h"
 #include "x86_gemmt_inl.h"
+#include "x86_lora_inl.h"
 
 #undef QLORA_VEC_INLINE
 
@@ -238,10 +240,11 @@ KernelTable make_kernel_table() {
   t.quantize_rows = quantize_rows;
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
+  t.lora_up = lora_up;
   t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
   t.quantize_q8 = q8::quantize_q8;
   t.gemm_nf4_q8 = {q8::gemm_nf4_q8, 1, 1};
-  t.gemm_nf4t_f32 = gemm_nf4t_f32; 
+  t.gemm_nf4t_f32 = gemm_nf4t_f32;
   t.col_block = kGemmTColBlock;
   return t;
 }

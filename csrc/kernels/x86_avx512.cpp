@@ -177,6 +177,7 @@ QLORA_VEC_INLINE void transpose16(F32x16 r[16]) {
 
 #include "x86_kernels_inl.h"
 #include "x86_gemmt_inl.h"
+#include "x86_lora_inl.h"
 
 #undef QLORA_VEC_INLINE
 
@@ -204,8 +205,10 @@ KernelTable make_kernel_table() {
   t.quantize_rows = quantize_rows;
   t.dequantize_rows = dequantize_rows;
   t.lora_down = lora_down;
+  t.lora_up = lora_up;
   t.gemm_nf4_f32 = {forward_rows, kPanelRows, 1};
-  t.gemm_nf4t_f32 = gemm_nf4t_f32; t.col_block = kGemmTColBlock;
+  t.gemm_nf4t_f32 = gemm_nf4t_f32;
+  t.col_block = kGemmTColBlock;
   return t;
 }
 }  // namespace

@@ -135,37 +135,6 @@ void dequantize_rows(const Nf4Weight& w, int64_t row_begin, int64_t row_end, flo
   }
 }
 
-// Four rows of A per pass share each load of x: a lone dot product is bound by its two loads
-// per FMA. Each output is still one fixed-order sum, whatever the batch range.
-void dot4(const float* x, const float* a, int64_t n, float* out) {
-  F32x16 acc[4][2];
-  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = f_zero();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const F32x16 x0 = f_load(x + i), x1 = f_load(x + i + 16);
-    for (int j = 0; j < 4; ++j) {
-      acc[j][0] = f_fma(x0, f_load(a + j * n + i), acc[j][0]);
-      acc[j][1] = f_fma(x1, f_load(a + j * n + i + 16), acc[j][1]);
-    }
-  }
-  for (; i < n; i += 16) {
-    const int m = static_cast<int>(imin(16, n - i));
-    const F32x16 xt = f_loadn(x + i, m);
-    for (int j = 0; j < 4; ++j) acc[j][0] = f_fma(xt, f_loadn(a + j * n + i, m), acc[j][0]);
-  }
-  for (int j = 0; j < 4; ++j) out[j] = f_reduce_add(f_add(acc[j][0], acc[j][1]));
-}
-
-void lora_down(const float* x, int64_t in_features, const float* a, int64_t rank, int64_t b_begin,
-               int64_t b_end, float* xa) {
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    const float* xb = x + b * in_features;
-    int64_t k = 0;
-    for (; k + 4 <= rank; k += 4) dot4(xb, a + k * in_features, in_features, xa + b * rank + k);
-    for (; k < rank; ++k) xa[b * rank + k] = dot(xb, a + k * in_features, in_features);
-  }
-}
-
 // acc + scaling * (xa[b] . B[o]) + bias[o], in the scalar specification's order.
 float finish(const ForwardArgs& p, int64_t b, int64_t o, float acc) {
   if (p.rank > 0) acc += p.scaling * dot(p.xa + b * p.rank, p.lora_b + o * p.rank, p.rank);
@@ -246,17 +215,28 @@ void gemv_small(const ForwardArgs& p, const Nf4Table& tab, int64_t o, int64_t b0
     for (int r = 0; r < R; ++r) s[r] = f_set1(group_scale(w, (o + r) * gpr + g));
     for (int64_t blk = g * bpg; blk < (g + 1) * bpg; ++blk) {
       for (int l = 0; l < R * kBlockBytes; l += 64) _mm_prefetch(next + blk * (R * kBlockBytes) + l, _MM_HINT_T0);
-      F32x16 x0[NB], x1[NB];
-      for (int b = 0; b < NB; ++b) {
-        x0[b] = f_load(x + b * in + blk * kBlockCols);
-        x1[b] = f_load(x + b * in + blk * kBlockCols + 16);
-      }
-      for (int r = 0; r < R; ++r) {
+      if constexpr (R == 1) {
+        // One row: each x vector is used once, so it stays a memory operand of its FMA rather
+        // than a register (AVX2's 16 YMM hold the 8 accumulators and the decoded block).
         F32x16 d0, d1;
-        decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
-        d0 = f_mul(d0, s[r]);
-        d1 = f_mul(d1, s[r]);
-        for (int b = 0; b < NB; ++b) acc[r][b] = f_fma(x1[b], d1, f_fma(x0[b], d0, acc[r][b]));
+        decode_block(tab, rows[0] + blk * kBlockBytes, d0, d1);
+        d0 = f_mul(d0, s[0]);
+        d1 = f_mul(d1, s[0]);
+        const float* xb = x + blk * kBlockCols;
+        for (int b = 0; b < NB; ++b) acc[0][b] = f_fma(f_load(xb + b * in + 16), d1, f_fma(f_load(xb + b * in), d0, acc[0][b]));
+      } else {
+        F32x16 x0[NB], x1[NB];
+        for (int b = 0; b < NB; ++b) {
+          x0[b] = f_load(x + b * in + blk * kBlockCols);
+          x1[b] = f_load(x + b * in + blk * kBlockCols + 16);
+        }
+        for (int r = 0; r < R; ++r) {
+          F32x16 d0, d1;
+          decode_block(tab, rows[r] + blk * kBlockBytes, d0, d1);
+          d0 = f_mul(d0, s[r]);
+          d1 = f_mul(d1, s[r]);
+          for (int b = 0; b < NB; ++b) acc[r][b] = f_fma(x1[b], d1, f_fma(x0[b], d0, acc[r][b]));
+        }
       }
     }
   }
