@@ -19,14 +19,14 @@ not copied into the layer either: each forward computes with read-only NumPy vie
 the autograd graph keeps them with ``save_for_backward``, so an in-place change between forward
 and backward (an optimizer step) raises torch's usual "modified by an inplace operation" error
 instead of mixing versions. Other dtypes and devices are converted to CPU float32 first (a copy)
-and the output converted back to the input's dtype.
+and the output converted back to the input's dtype (it stays on the CPU: qlora is a CPU library).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 import copy
+
+import numpy as np
 
 from ._layer import QLoraLinear, layer_states
 from ._precision import check_precision
