@@ -23,9 +23,11 @@ LEVELS = [
     ("qlora._runtime", 2),
     ("qlora._precision", 1),
     ("qlora.formats", 3),
+    ("qlora._train", 3),  # forward_train / backward, methods of the layer
     ("qlora._adapters", 3.5),  # named adapters and mixed batches: the layer's mixin
     ("qlora._layer", 4),
     ("qlora._layers", 5),  # save_layers / load_layers: several layers, built on the layer
+    ("qlora.torch", 5),  # the optional torch bridge, built on the layer; imports torch lazily
     ("qlora.cli", 6),
     ("qlora.__main__", 7),
     ("qlora", 7),  # the package __init__: public names only

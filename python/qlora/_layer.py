@@ -18,6 +18,7 @@ from . import _core, _precision
 from ._adapters import WRITE_LOCK, AdapterMethods, forward_mixed
 from ._precision import PRECISIONS, check_precision
 from ._state import Adapter, LayerState, frozen, make_state, new_adapter, quantize_weight
+from ._train import TrainMethods, initial_weights
 from ._validate import (as_float32, check_alpha, check_bool, check_finite, check_int,
                         check_out, check_path, check_scaling, float32_matrix)
 from .formats import bnb as _bnb
@@ -30,7 +31,7 @@ __all__ = ["QLoraLinear", "layer_from_state", "layer_states"]
 _F32 = np.dtype(np.float32)
 
 
-class QLoraLinear(AdapterMethods):
+class QLoraLinear(AdapterMethods, TrainMethods):
     """A linear layer with a frozen NF4-quantized weight, a default LoRA adapter and any number
     of named adapters (``add_adapter``; rows of a batch pick theirs in ``forward``).
 
@@ -82,7 +83,7 @@ class QLoraLinear(AdapterMethods):
         *,
         bias: object = None,
         seed: int = 0,
-        double_quant: bool = False,
+        double_quant: bool = False, init: str = "default", loftq_iters: int = 1,
     ) -> "QLoraLinear":
         """Quantize a weight matrix to NF4 and attach a freshly initialised LoRA adapter.
 
@@ -111,6 +112,8 @@ class QLoraLinear(AdapterMethods):
             nearest decoded scale. At group size 64 the weight then costs about 4.13 bits per
             parameter instead of 4.5. ``forward`` and ``dequantize_weight`` use the decoded
             scales ``map[q] * nested[g // 256] + offset``.
+        init, loftq_iters : {"default", "loftq"}, int >= 1; default "default", 1
+            ``"loftq"``: LoftQ (README "Fine-tuning"); the stored base then is not quantize(W).
 
         Returns
         -------
@@ -140,8 +143,8 @@ class QLoraLinear(AdapterMethods):
         double_quant = check_bool(double_quant, "double_quant")
         check_finite(w, "weight")
         bias_arr = None if bias is None else float32_matrix(bias, "bias", (out_features,))
-        weight = quantize_weight(w, group_size, double_quant)
-        lora = new_adapter(rank, alpha / rank, seed, out_features, in_features)
+        weight, lora = initial_weights(w, rank, alpha / rank, group_size, double_quant, seed,
+                                       init, loftq_iters)
         return cls._from_state(make_state(weight, lora, bias_arr))
 
     # ------------------------------------------------------------------ compute

@@ -22,8 +22,8 @@ import numpy as np
 from . import _core
 
 __all__ = ["Adapter", "AdapterSet", "DEFAULT_ADAPTER", "DYNAMIC_MAP", "LayerState", "NESTED_BLOCK", "NF4_CODEBOOK", "Nf4Weight",
-           "create_dynamic_map", "dequantize_scales", "double_quantize", "frozen", "make_state",
-           "new_adapter", "quantize_weight"]
+           "create_dynamic_map", "dequantize_scales", "double_quantize", "frozen", "loftq_init",
+           "make_state", "new_adapter", "quantize_weight"]
 
 NESTED_BLOCK = int(_core.NESTED_BLOCK)
 NF4_CODEBOOK = np.array(_core.NF4_CODEBOOK, dtype=np.float32)
@@ -208,6 +208,50 @@ def new_adapter(rank: int, scaling: float, seed: int, out_features: int,
     a = rng.uniform(-bound, bound, size=(rank, in_features)).astype(np.float32)
     b = np.zeros((out_features, rank), dtype=np.float32)
     return Adapter(frozen(a), frozen(b), scaling)
+
+
+def loftq_init(w: np.ndarray, rank: int, scaling: float, group_size: int, double_quant: bool,
+               iters: int) -> tuple[Nf4Weight, Adapter]:
+    """LoftQ initialization (Li et al., 2023): an NF4 base ``Q`` and an adapter ``B, A`` chosen
+    so that ``deq(Q) + scaling * B @ A`` is close to ``w``.
+
+    Starting from ``B A = 0``, each of ``iters`` rounds quantizes ``w - scaling * B A`` (float64,
+    rounded once to float32) to ``Q``, takes the SVD ``U S V^T`` of the residual ``w - deq(Q)``
+    in float64 (``numpy.linalg.svd``) and sets ``B = U_r sqrt(S_r) / sqrt(scaling)``, ``A =
+    sqrt(S_r) V_r^T / sqrt(scaling)`` (rank-``r`` truncation, rounded to float32). The stored
+    base is the last ``Q``, not the quantization of ``w``. Each round costs one full SVD of an
+    (out, in) float64 matrix: the dominant cost, cubic in the smaller dimension.
+
+    Parameters
+    ----------
+    w : numpy.ndarray
+        float32 C-contiguous aligned (out, in), finite (already validated).
+    rank, scaling, group_size, double_quant
+        As validated by ``QLoraLinear.from_weight``.
+    iters : int
+        Rounds, >= 1.
+
+    Returns
+    -------
+    weight : Nf4Weight
+    lora : Adapter
+    """
+    w64 = w.astype(np.float64)
+    ba = np.zeros_like(w64)
+    root = math.sqrt(scaling)
+    for _ in range(iters):
+        target = np.ascontiguousarray(w64 - scaling * ba, dtype=np.float32)
+        weight = quantize_weight(target, group_size, double_quant)
+        deq = np.empty(w.shape, np.float32)
+        _core.dequantize_nf4(weight.tensor(), deq)
+        u, sv, vt = np.linalg.svd(w64 - deq, full_matrices=False)
+        del deq
+        sq = np.sqrt(sv[:rank])
+        b = (u[:, :rank] * sq) / root
+        a = (sq[:, None] * vt[:rank]) / root
+        del u, vt
+        ba = b @ a
+    return weight, Adapter(frozen(a.astype(np.float32)), frozen(b.astype(np.float32)), scaling)
 
 
 # ---------------------------------------------------------------------- double quantization

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo, inspect, quantize
+from . import bench, demo, finetune, inspect, quantize
 
 __all__ = ["main"]
 
-_COMMANDS = [demo, bench, quantize, inspect]
+_COMMANDS = [demo, bench, quantize, inspect, finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,6 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="give every method enough copies of its weight to exceed 2x the "
                    "last-level cache and cycle through them, so each call reads its weight "
                    "from DRAM (default: one weight per method, timed hot)")
+    p.add_argument("--backward", action="store_true",
+                   help="time a training step instead (forward + backward, default 4096x4096 "
+                   "and 14336x4096 at batch 1,32,128,512) beside torch autograd through "
+                   "bitsandbytes Linear4bit + PEFT and fp32 nn.Linear + PEFT")
     p.add_argument("--adapters", type=_batch_list, nargs="?", const=[1, 8, 32], default=None,
                    metavar="N[,N...]",
                    help="instead: serving many adapters; N adapters of --rank (and a mixed-rank "
@@ -287,6 +291,10 @@ def _overhead(report: Report, out) -> None:
 
 
 def run(args: argparse.Namespace, out=None) -> int:
+    if getattr(args, "backward", False):
+        from .backward import run_backward  # noqa: PLC0415
+
+        return run_backward(args, out)
     out = out or sys.stdout
     adapters = getattr(args, "adapters", None)
     shapes = args.shape or (QUICK_SHAPES if args.quick else
