@@ -44,6 +44,7 @@ CORPUS = os.path.join(HERE, "fuzz_corpus.py")
 sys.path.insert(0, HERE)
 
 import fuzz_corpus  # noqa: E402
+import qlora  # noqa: E402
 
 # Cases per family: 11,000 in all (10,174 reach qlora; safetensors.numpy refuses the rest of
 # the bnb_file cases itself), 40-70 s on 2 shared cores.
@@ -75,7 +76,9 @@ def _child_env(**extra: str) -> dict:
     env = dict(os.environ, **extra)
     if _SCRATCH:
         env["TMPDIR"] = str(_SCRATCH[0])  # children's tempfile.mkdtemp() land in it
-    python_dir = os.path.join(os.path.dirname(HERE), "python")
+    # Children import the qlora this process imported (a source tree with a dev build, or an
+    # installed wheel), never another copy that happens to sit next to the tests.
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(qlora.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH")) if p)
     # One thread each: the child is small, and the machine is shared.
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", QLORA_NUM_THREADS="1",
