@@ -92,3 +92,28 @@ def test_loftq_double_quant_and_bias():
 def test_loftq_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         QLoraLinear.from_weight(gaussian(), rank=4, **kwargs)
+
+
+def test_randomized_truncated_svd_is_near_the_exact_truncation():
+    """Above 1024 rows and columns LoftQ's SVD is randomized: on an NF4 residual (flat spectrum,
+    the hard case) the norm it leaves must stay within 0.5% of the exact truncation's, and on a
+    matrix with a clear low-rank part it must recover that part's singular values."""
+    from qlora import _state
+
+    rng = np.random.default_rng(7)
+    n, rank = 1100, 16
+    w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
+    layer = QLoraLinear.from_weight(w, rank=rank)
+    resid = (w - layer.dequantize_weight()).astype(np.float64)
+    u, s, vt = _state.truncated_svd(resid, rank)
+    assert u.shape == (n, rank) and s.shape == (rank,) and vt.shape == (rank, n)
+    np.testing.assert_allclose(u.T @ u, np.eye(rank), atol=1e-10)
+    exact = np.linalg.svd(resid, compute_uv=False)
+    left = np.linalg.norm(resid - (u * s) @ vt)
+    best = np.sqrt((exact[rank:] ** 2).sum())
+    assert best <= left <= 1.005 * best, (left, best)
+
+    low = rng.standard_normal((n, rank)) @ (np.diag(np.geomspace(10, 1, rank)) @ rng.standard_normal((rank, n)))
+    m = low + 1e-3 * rng.standard_normal((n, n))
+    _, s2, _ = _state.truncated_svd(m, rank)
+    np.testing.assert_allclose(s2, np.linalg.svd(m, compute_uv=False)[:rank], rtol=1e-6)

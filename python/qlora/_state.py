@@ -210,17 +210,47 @@ def new_adapter(rank: int, scaling: float, seed: int, out_features: int,
     return Adapter(frozen(a), frozen(b), scaling)
 
 
+# Below this many rows or columns (or for ranks near it) a full SVD is cheap enough and exact.
+_FULL_SVD_DIM = 1024
+
+
+def truncated_svd(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of a float64 matrix ``m``: ``(U_r, S_r, V_r^T)``.
+
+    Small matrices use ``numpy.linalg.svd`` (exact). Larger ones use a randomized range finder
+    (Halko, Martinsson and Tropp 2011) with ``rank + max(rank, 16)`` probe vectors from a fixed
+    seed and 6 power iterations, each re-orthonormalized: the cost is a few dozen products with
+    ``m`` instead of a cubic decomposition (4096 x 4096: about a second instead of minutes on two
+    cores). A quantization residual has a flat spectrum, where the randomized subspace is not the
+    exact top one: on a 2048 x 2048 Gaussian weight's NF4 residual it captures 95% of the exact
+    top-16 energy, and the norm left after subtracting it is 0.98563 of the residual's against
+    0.98490 for the exact truncation (0.07% apart). The result is deterministic for a given
+    ``m``.
+    """
+    rows, cols = m.shape
+    probes = rank + max(rank, 16)
+    if min(rows, cols) <= _FULL_SVD_DIM or probes * 2 >= min(rows, cols):
+        u, sv, vt = np.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], sv[:rank], vt[:rank]
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(m @ rng.standard_normal((cols, probes)))
+    for _ in range(6):
+        z, _ = np.linalg.qr(m.T @ q)
+        q, _ = np.linalg.qr(m @ z)
+    ub, sv, vt = np.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub)[:, :rank], sv[:rank], vt[:rank]
+
+
 def loftq_init(w: np.ndarray, rank: int, scaling: float, group_size: int, double_quant: bool,
                iters: int) -> tuple[Nf4Weight, Adapter]:
     """LoftQ initialization (Li et al., 2023): an NF4 base ``Q`` and an adapter ``B, A`` chosen
     so that ``deq(Q) + scaling * B @ A`` is close to ``w``.
 
     Starting from ``B A = 0``, each of ``iters`` rounds quantizes ``w - scaling * B A`` (float64,
-    rounded once to float32) to ``Q``, takes the SVD ``U S V^T`` of the residual ``w - deq(Q)``
-    in float64 (``numpy.linalg.svd``) and sets ``B = U_r sqrt(S_r) / sqrt(scaling)``, ``A =
-    sqrt(S_r) V_r^T / sqrt(scaling)`` (rank-``r`` truncation, rounded to float32). The stored
-    base is the last ``Q``, not the quantization of ``w``. Each round costs one full SVD of an
-    (out, in) float64 matrix: the dominant cost, cubic in the smaller dimension.
+    rounded once to float32) to ``Q``, takes the rank-``r`` truncated SVD ``U S V^T`` of the
+    residual ``w - deq(Q)`` in float64 (:func:`truncated_svd`) and sets ``B = U_r sqrt(S_r) /
+    sqrt(scaling)``, ``A = sqrt(S_r) V_r^T / sqrt(scaling)`` (rounded to float32). The stored
+    base is the last ``Q``, not the quantization of ``w``.
 
     Parameters
     ----------
@@ -244,7 +274,7 @@ def loftq_init(w: np.ndarray, rank: int, scaling: float, group_size: int, double
         weight = quantize_weight(target, group_size, double_quant)
         deq = np.empty(w.shape, np.float32)
         _core.dequantize_nf4(weight.tensor(), deq)
-        u, sv, vt = np.linalg.svd(w64 - deq, full_matrices=False)
+        u, sv, vt = truncated_svd(w64 - deq, rank)
         del deq
         sq = np.sqrt(sv[:rank])
         b = (u[:, :rank] * sq) / root
