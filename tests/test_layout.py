@@ -180,14 +180,24 @@ def test_console_script_entry_point_resolves():
     # pyproject's [project.scripts] names qlora.cli:main; the cli package must keep exposing it.
     import importlib.metadata
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    pyproject = os.path.join(os.path.dirname(os.path.dirname(PKG_DIR)), "pyproject.toml")
-    if not os.path.exists(pyproject):
-        pytest.skip("pyproject.toml is not next to the package (installed wheel)")
-    with open(pyproject, "rb") as f:
-        scripts = tomllib.load(f)["project"]["scripts"]
-    entry = importlib.metadata.EntryPoint(name="qlora", value=scripts["qlora"],
-                                          group="console_scripts")
     from qlora.cli.main import main
+
+    # The source tree's pyproject (next to the package in a dev build, or next to tests/ in a
+    # checkout with the package installed); else the installed distribution's own metadata.
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(os.path.dirname(os.path.dirname(PKG_DIR)), "pyproject.toml"),
+                  os.path.join(os.path.dirname(here), "pyproject.toml")]
+    pyproject = next((p for p in candidates if os.path.exists(p)), None)
+    if pyproject is not None:
+        tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+        with open(pyproject, "rb") as f:
+            scripts = tomllib.load(f)["project"]["scripts"]
+        entry = importlib.metadata.EntryPoint(name="qlora", value=scripts["qlora"],
+                                              group="console_scripts")
+    else:
+        found = [e for e in importlib.metadata.distribution("qlora-cpu").entry_points
+                 if e.group == "console_scripts" and e.name == "qlora"]
+        assert len(found) == 1, found
+        entry = found[0]
 
     assert entry.load() is main
