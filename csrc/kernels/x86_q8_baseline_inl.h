@@ -14,6 +14,7 @@ constexpr int kVf = 4 * kLanes;                        // floats (and positions)
 constexpr int64_t kBatchGroup = 16;
 
 constexpr int64_t q8_min(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t q8_max(int64_t a, int64_t b) { return a < b ? b : a; }
 
 // Block of position pos in superblock s: position 4 * L + j holds block kLanes * j + L, as the
 // transpose-add of the four accumulators of a superblock leaves it.
