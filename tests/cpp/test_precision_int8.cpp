@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "qlora/dispatch.h"
@@ -291,6 +292,45 @@ TEST_CASE("int8: larger shapes, batch tiles and groups, NaN and infinity in x") 
       }
       check_gemm(*t, l.view(false), x, batch, bias.data());
       check_gemm(*t, l.view(true), x, batch, nullptr);
+    }
+  }
+}
+
+TEST_CASE("int8: a non-finite weight scale stays in its own row") {
+  // The batch-1 kernel loads a whole vector of scales where it fits, so a row's load also reads
+  // the next rows' scales (and, double-quantized, stale scratch); only its own may count. Row 2
+  // gets NaN scales (plain: absmax; double-quantized: a NaN entry of the nested map): rows 0, 1
+  // and 3.. must stay finite and within the bound, row 2 NaN as in the specification.
+  for (const KernelTable* t : int8_tables(false)) {
+    for (const auto& [out, in, gs] : {std::tuple<int64_t, int64_t, int64_t>{18, 256, 64}, {18, 1024, 128},
+                                      {9, 96, 32}, {18, 1056, 96}, {11, 4096, 64}}) {
+      Layer l = make_layer(out, in, gs, static_cast<uint32_t>(out + in + gs));
+      for (auto& q : l.qscales) q = q == 255 ? uint8_t{0} : q;
+      l.nested_map[255] = std::numeric_limits<float>::quiet_NaN();
+      for (int64_t g = 2 * in / gs; g < 3 * in / gs; ++g) {
+        l.absmax[static_cast<size_t>(g)] = std::numeric_limits<float>::quiet_NaN();
+        l.qscales[static_cast<size_t>(g)] = 255;
+      }
+      const auto bias = qlora_test::normal_vector(static_cast<size_t>(out), 8);
+      for (int64_t batch : {1, 2, 5}) {
+        const auto x = qlora_test::normal_vector(static_cast<size_t>(batch * in), static_cast<uint32_t>(batch));
+        for (bool nested : {false, true}) {
+          INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs << " nested " << nested
+                      << " batch " << batch);
+          std::vector<float> y(static_cast<size_t>(batch * out));
+          check_gemm(*t, l.view(nested), x, batch, bias.data());
+          ForwardOptions opts;
+          opts.precision = Precision::kInt8;
+          opts.table = t;
+          forward(l.view(nested), x.data(), batch, nullptr, 0, bias.data(), y.data(), opts);
+          for (int64_t b = 0; b < batch; ++b) {
+            for (int64_t o = 0; o < out; ++o) {
+              INFO("batch row " << b << " output " << o);
+              REQUIRE(std::isnan(y[static_cast<size_t>(b * out + o)]) == (o == 2));
+            }
+          }
+        }
+      }
     }
   }
 }
