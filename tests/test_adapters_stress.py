@@ -23,6 +23,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+MAX_VERSIONS = 5000
+
+
 def test_concurrent_add_replace_remove_with_forwards():
     rng = np.random.default_rng(0)
     layer = QLoraLinear.from_weight(rng.standard_normal((OUT, IN)) * 0.01, rank=2,
@@ -55,7 +58,10 @@ def test_concurrent_add_replace_remove_with_forwards():
 
     def mutate():
         g = 0
-        while not stop.is_set():
+        # Versions are told apart by their factor g + 2, recovered from float32 outputs: keep
+        # it small enough (<= MAX_VERSIONS + 2) that float32 rounding of the output (relative
+        # ~1e-7 of the factor) stays far below the 0.5 that separates two versions.
+        while not stop.is_set() and g < MAX_VERSIONS:
             k = g % K
             layer.add_adapter(f"s{k}", a_k[k], b_k[k] * np.float32(g + 2), scaling=1.0,
                               replace=True)  # version g: factor g + 2
@@ -100,7 +106,7 @@ def test_concurrent_add_replace_remove_with_forwards():
                     continue
                 d = y[i].astype(np.float64) - base[i]
                 f = float(d @ terms[k][i] / (terms[k][i] @ terms[k][i]))
-                assert abs(f - round(f)) < 1e-3, f
+                assert abs(f - round(f)) < 1e-3 + 1e-6 * abs(f), f
                 factor.setdefault(int(k), round(f))
                 assert factor[int(k)] == round(f), "two rows of one adapter saw two versions"
                 want = base[i] + round(f) * terms[k][i]
