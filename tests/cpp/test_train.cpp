@@ -113,6 +113,8 @@ std::vector<float> run_gemmt(const KernelTable& t, const Nf4Weight& w, const std
   p.w = w;
   p.g = g.data();
   p.batch = batch;
+  p.row_begin = 0;
+  p.row_end = w.out_features;
   p.dx = dx.data();
   for (size_t i = 0; i + 1 < cuts.size(); ++i) t.gemm_nf4t_f32(p, cuts[i], cuts[i + 1]);
   return dx;
