@@ -282,11 +282,11 @@ void gemm_nf4t(const Nf4Weight& w, const float* g, int64_t batch, float* dx) {
   const int64_t blocks = batch == 1 ? (out + kGemmTRowBlock - 1) / kGemmTRowBlock : 1;
   if (blocks > 1) {
     // Batch 1: tasks are (row block, column range). A task streams its block of W row after row
-    // as the forward does, instead of a narrow column strip of every row (rows a page apart
-    // in wide layers, which the prefetchers do not follow). Columns are split only as far as
-    // needed to give every thread work; that split never changes a partial's arithmetic.
-    // The calling thread's buffer, reached by pointer from the tasks (a thread_local named
-    // inside them would be each worker's own).
+    // as the forward does, instead of a 128-byte strip of every row of W (rows 2 KiB or more
+    // apart, a pattern the prefetchers follow badly once W is past the caches). Columns are
+    // split only as far as needed to give every thread work; that split never changes a
+    // partial's arithmetic. The partials live in the calling thread's buffer, reached by pointer
+    // from the tasks (a thread_local named inside them would be each worker's own).
     thread_local std::vector<float> partial_buf;
     partial_buf.resize(static_cast<size_t>(checked_mul(blocks, in, "row blocks * in_features")));
     float* partial = partial_buf.data();
