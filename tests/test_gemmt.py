@@ -7,7 +7,9 @@ for 1, 2 and 3 threads; and the training bindings (``_core.forward_train``, ``_c
 The bound: every dx element is a float32 sum of out_features products, each product and each
 partial sum rounded once (the batch-1 kernels fold the group scale into g, one more rounding), so
 |dx - exact| <= (out + 2) * 2**-24 * sum_o |g[b, o] * deq[o, i]|; the tests allow out + 4, as the
-forward's bound does (reference.forward_bound).
+forward's bound does (reference.forward_bound). Batch 1 sums blocks of ROW_BLOCK rows separately
+and adds the block sums in order: chains of at most ROW_BLOCK terms plus one addition per block,
+inside the same bound.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from conftest import ISAS, use_isa
 from qlora import _core
 
 EPS = 2.0**-24
+ROW_BLOCK = 512  # kGemmTRowBlock in kernels.h: the batch-1 driver's fixed row blocks
 NESTED_MAP = ((np.arange(256, dtype=np.float32) - 127) / 128).astype(np.float32)
 NESTED_OFFSET = np.float32(0.37)
 
@@ -88,6 +91,42 @@ def test_input_grad_batches_and_threads(isa, shape, restore_threads):
             for threads in (2, 3):
                 _core.set_num_threads(threads)
                 np.testing.assert_array_equal(input_grad(t, g).view(np.uint32), dx1.view(np.uint32))
+
+
+def plain_rows(t, codes, absmax, r0, r1):
+    """The Nf4Tensor of rows [r0, r1) of a plain-scaled tensor whose groups never straddle rows."""
+    out_f, in_f, gs = t.out_features, t.in_features, t.group_size
+    row_bytes = codes.size // out_f
+    gpr = in_f // gs
+    return _core.Nf4Tensor(codes[r0 * row_bytes : r1 * row_bytes].copy(), absmax[r0 * gpr : r1 * gpr].copy(),
+                           None, None, None, 0.0, r1 - r0, in_f, gs)
+
+
+@pytest.mark.parametrize("shape", [(1300, 1024, 64), (1537, 160, 32), (1025, 512, 128)])
+def test_input_grad_batch1_is_row_blocks_added_in_order(isa, shape, restore_threads):
+    """Batch 1 on layers taller than one row block: the result is, bit for bit, the float32 sum in
+    block order of the same product over each block of ROW_BLOCK rows as a layer of its own (a
+    block of at most ROW_BLOCK rows is one chain), for 1, 2 and 3 threads, within the bound."""
+    out_f, in_f, gs = shape
+    rng = np.random.default_rng(out_f)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    codes = np.empty(_core.packed_bytes(out_f, in_f), np.uint8)
+    absmax = np.empty(_core.group_count(out_f * in_f, gs), np.float32)
+    _core.quantize_nf4(w, gs, codes, absmax)
+    t = _core.Nf4Tensor(codes, absmax, None, None, None, 0.0, out_f, in_f, gs)
+    flat_codes, _ = ref.quantize(w, gs)
+    deq = ref.dequantize(flat_codes, absmax, gs).astype(np.float64)
+    g = rng.standard_normal((1, out_f)).astype(np.float32)
+    want = None
+    for r0 in range(0, out_f, ROW_BLOCK):
+        r1 = min(out_f, r0 + ROW_BLOCK)
+        part = input_grad(plain_rows(t, codes, absmax, r0, r1), np.ascontiguousarray(g[:, r0:r1]))
+        want = part if want is None else (want + part).astype(np.float32)
+    assert out_f > 2 * ROW_BLOCK
+    assert_within_bound(want, g, deq)
+    for threads in (1, 2, 3):
+        _core.set_num_threads(threads)
+        np.testing.assert_array_equal(input_grad(t, g).view(np.uint32), want.view(np.uint32))
 
 
 def test_input_grad_leading_dims_and_rows():

@@ -310,19 +310,67 @@ void gemm_nf4t(const Nf4Weight& w, const float* g, int64_t batch, float* dx) {
   checked_mul(batch, w.in_features, "batch * in_features");
   checked_mul(batch, w.out_features, "batch * out_features");
   const KernelTable& k = active_kernels();
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t cb = std::max<int64_t>(k.col_block, 1);
+  const int64_t blocks = batch == 1 ? (out + kGemmTRowBlock - 1) / kGemmTRowBlock : 1;
+  if (blocks > 1) {
+    // Batch 1: tasks are (row block, column range). A task streams its block of W row after row
+    // as the forward does, instead of a 128-byte strip of every row of W (rows 2 KiB or more
+    // apart, a pattern the prefetchers follow badly once W is past the caches). Columns are
+    // split only as far as needed to give every thread work; that split never changes a
+    // partial's arithmetic. The partials live in the calling thread's buffer, reached by pointer
+    // from the tasks (a thread_local named inside them would be each worker's own).
+    thread_local std::vector<float> partial_buf;
+    partial_buf.resize(static_cast<size_t>(checked_mul(blocks, in, "row blocks * in_features")));
+    float* partial = partial_buf.data();
+    const int64_t threads = get_num_threads();
+    const bool parallel = threads > 1 && out * in >= kMinParallelWork;
+    const int64_t col_tasks = parallel ? std::max<int64_t>(1, (2 * threads + blocks - 1) / blocks) : 1;
+    const int64_t cper = std::max(cb, ((in + col_tasks - 1) / col_tasks + cb - 1) / cb * cb);
+    const int64_t ctasks = (in + cper - 1) / cper;
+    auto run = [&](int64_t t) {
+      const int64_t blk = t / ctasks, c0 = (t % ctasks) * cper, c1 = std::min(in, c0 + cper);
+      TransposedArgs p;
+      p.w = w;
+      p.g = g;
+      p.batch = 1;
+      p.row_begin = blk * kGemmTRowBlock;
+      p.row_end = std::min(out, p.row_begin + kGemmTRowBlock);
+      p.dx = partial + blk * in;
+      k.gemm_nf4t_f32(p, c0, c1);
+    };
+    if (parallel) {
+      parallel_for(blocks * ctasks, run);
+    } else {
+      for (int64_t t = 0; t < blocks * ctasks; ++t) run(t);
+    }
+    const float* part = partial;
+    const int64_t rper = chunk_units(in, blocks, 16);
+    parallel_for((in + rper - 1) / rper, [&](int64_t t) {
+      const int64_t c0 = t * rper, c1 = std::min(in, c0 + rper);
+      for (int64_t c = c0; c < c1; ++c) dx[c] = part[c];
+      for (int64_t blk = 1; blk < blocks; ++blk) {
+        const float* src = part + blk * in;
+        for (int64_t c = c0; c < c1; ++c) dx[c] += src[c];
+      }
+    });
+    return;
+  }
   const int64_t chunks = (batch + kBatchChunk - 1) / kBatchChunk;
-  const int64_t work_per_col = std::min(batch, kBatchChunk) * w.out_features;
-  const int64_t cper = chunk_units(w.in_features, work_per_col, std::max<int64_t>(k.col_block, 1));
-  const int64_t col_tasks = (w.in_features + cper - 1) / cper;
+  const int64_t work_per_col = std::min(batch, kBatchChunk) * out;
+  const int64_t cper = chunk_units(in, work_per_col, cb);
+  const int64_t col_tasks = (in + cper - 1) / cper;
   parallel_for(col_tasks * chunks, [&](int64_t t) {
     const int64_t c = t / col_tasks, ct = t % col_tasks;
     const int64_t b0 = c * kBatchChunk;
     TransposedArgs p;
     p.w = w;
-    p.g = g + b0 * w.out_features;
+    p.g = g + b0 * out;
     p.batch = std::min(kBatchChunk, batch - b0);
-    p.dx = dx + b0 * w.in_features;
-    const int64_t c0 = ct * cper, c1 = std::min(w.in_features, c0 + cper);
+    p.row_begin = 0;
+    p.row_end = out;
+    p.dx = dx + b0 * in;
+    const int64_t c0 = ct * cper, c1 = std::min(in, c0 + cper);
     k.gemm_nf4t_f32(p, c0, c1);
   });
 }

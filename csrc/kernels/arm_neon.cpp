@@ -567,8 +567,9 @@ void forward_rows(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
 }
 
 // ---------------------------------------------------------------- gemm_nf4t_f32
-// The backward's dx = g @ deq(W) over a column range. Every dx element is one fused
-// multiply-add chain over the rows o of W in increasing order, whatever range or tile it is in.
+// The backward's dx = g @ deq(W) over a row range of W and a column range. Every dx element is
+// one fused multiply-add chain over the rows o of the range in increasing order, starting from
+// zero, whatever column range or tile it is in.
 // Batch 1 adds code * (g[o] * scale) (the scale folded into g, as in the x86 kernels); batches
 // add deq * g[b, o] with deq = code * scale as dequantize_rows gives it.
 
@@ -597,7 +598,7 @@ inline void store_n(float* dst, const float32x4_t* v, int count, int64_t n) {
 }
 
 // Batch 1: NB blocks of columns from c0 (a multiple of 32) kept in registers while every row of
-// W streams through.
+// the range streams through.
 template <int NB>
 void gemvt_tile(const TransposedArgs& p, const Lut& t, int64_t c0, int64_t c1) {
   const Nf4Weight& w = p.w;
@@ -605,8 +606,8 @@ void gemvt_tile(const TransposedArgs& p, const Lut& t, int64_t c0, int64_t c1) {
   float32x4_t acc[NB][8];
   for (int b = 0; b < NB; ++b)
     for (int j = 0; j < 8; ++j) acc[b][j] = vdupq_n_f32(0.0f);
-  const uint8_t* src = w.codes + (c0 / kBlockCols) * kBlockBytes;
-  for (int64_t o = 0; o < w.out_features; ++o, src += row_bytes) {
+  const uint8_t* src = w.codes + p.row_begin * row_bytes + (c0 / kBlockCols) * kBlockBytes;
+  for (int64_t o = p.row_begin; o < p.row_end; ++o, src += row_bytes) {
     const float go = p.g[o];
     for (int b = 0; b < NB; ++b) {
       const int64_t cb = c0 + b * kBlockCols;
@@ -689,8 +690,12 @@ constexpr int64_t kPanelRowsT = 256;
 
 void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) {
   if (col_end <= col_begin || p.batch <= 0) return;
-  const Lut t = load_lut();
   const int64_t in = p.w.in_features, out = p.w.out_features;
+  if (p.row_end <= p.row_begin) {
+    for (int64_t b = 0; b < p.batch; ++b) std::fill(p.dx + b * in + col_begin, p.dx + b * in + col_end, 0.0f);
+    return;
+  }
+  const Lut t = load_lut();
   if (p.batch == 1) {
     for (int64_t c0 = col_begin; c0 < col_end; c0 += 2 * kBlockCols) {
       const int64_t c1 = std::min(col_end, c0 + 2 * kBlockCols);
@@ -704,8 +709,8 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
   }
   thread_local std::vector<float> panel;
   panel.resize(static_cast<size_t>(kPanelRowsT * kBlockCols));
-  for (int64_t o0 = 0; o0 < out; o0 += kPanelRowsT) {
-    const int64_t kc = std::min(kPanelRowsT, out - o0);
+  for (int64_t o0 = p.row_begin; o0 < p.row_end; o0 += kPanelRowsT) {
+    const int64_t kc = std::min(kPanelRowsT, p.row_end - o0);
     for (int64_t cb = col_begin; cb < col_end; cb += kBlockCols) {
       decode_panel_t(p.w, t, o0, kc, cb, panel.data());
       for (int q = 0; q < kBlockCols / 8; ++q) {
@@ -716,16 +721,16 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
         float* dx = p.dx + c;
         int64_t b = 0;
         for (; b + kBatchBlock <= p.batch; b += kBatchBlock)
-          microkernel_t<kBatchBlock>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+          microkernel_t<kBatchBlock>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == p.row_begin);
         if (b + 4 <= p.batch) {
-          microkernel_t<4>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+          microkernel_t<4>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == p.row_begin);
           b += 4;
         }
         if (b + 2 <= p.batch) {
-          microkernel_t<2>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+          microkernel_t<2>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == p.row_begin);
           b += 2;
         }
-        if (b < p.batch) microkernel_t<1>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == 0);
+        if (b < p.batch) microkernel_t<1>(g + b * out, out, pq, kc, dx + b * in, in, n, o0 == p.row_begin);
       }
     }
   }

@@ -185,7 +185,8 @@ void gemm_nf4_q8(const ForwardArgs& p, int64_t row_begin, int64_t row_end) {
   }
 }
 
-// dx[b, i] = sum over o in increasing order of g[b, o] * deq(W)[o, i].
+// dx[b, i] = sum over o from row_begin to row_end - 1, in that order, of g[b, o] * deq(W)[o, i].
+// Batch 1 is cut by the driver into kGemmTRowBlock-row blocks whose results it adds in order.
 void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) {
   const int64_t in = p.w.in_features;
   const int64_t out = p.w.out_features;
@@ -194,7 +195,7 @@ void gemm_nf4t_f32(const TransposedArgs& p, int64_t col_begin, int64_t col_end) 
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t i = col_begin; i < col_end; ++i) p.dx[b * in + i] = 0.0f;
   }
-  for (int64_t o = 0; o < out; ++o) {
+  for (int64_t o = p.row_begin; o < p.row_end; ++o) {
     dequantize_rows(p.w, o, o + 1, row.data());
     for (int64_t b = 0; b < p.batch; ++b) {
       const float gb = p.g[b * out + o];

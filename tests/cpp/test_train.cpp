@@ -1,6 +1,7 @@
 // The backward: every ISA's transposed product gemm_nf4t_f32 against a float64 reference within
-// its rounding bound and against the scalar specification, bit-identical over uneven column
-// splits and thread counts; the C++ training core (train.h) against float64 finite differences
+// its rounding bound and against the scalar specification, over whole and partial row ranges,
+// bit-identical over uneven column splits and thread counts, and the driver's batch-1 row blocks
+// added in block order; the C++ training core (train.h) against float64 finite differences
 // and the float64 gradient formulas, deterministic across thread counts.
 #include <catch2/catch.hpp>
 
@@ -78,18 +79,19 @@ Layer make_layer(int64_t out, int64_t in, int64_t gs) {
 // rounded at most twice (the product, or the scale folded into g, and the sum), so
 // |err| <= (out + 2) * 2^-24 * sum |g * deq|; the bound allows out + 4, as the forward's does.
 double gemmt_bound_excess(const std::vector<float>& dx, const std::vector<float>& g, const std::vector<float>& deq,
-                          int64_t batch, int64_t out, int64_t in) {
+                          int64_t batch, int64_t out, int64_t in, int64_t r0 = 0, int64_t r1 = -1) {
+  if (r1 < 0) r1 = out;
   const double eps = std::ldexp(1.0, -24);
   double worst = -1.0;
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < in; ++i) {
       double ref = 0.0, mag = 0.0;
-      for (int64_t o = 0; o < out; ++o) {
+      for (int64_t o = r0; o < r1; ++o) {
         const double t = double(g[b * out + o]) * deq[o * in + i];
         ref += t;
         mag += std::fabs(t);
       }
-      const double bound = double(out + 4) * eps * mag * 1.01 + 1e-30;
+      const double bound = double(r1 - r0 + 4) * eps * mag * 1.01 + 1e-30;
       worst = std::max(worst, std::fabs(double(dx[b * in + i]) - ref) - bound);
     }
   }
@@ -107,12 +109,14 @@ std::vector<const KernelTable*> gemmt_tables() {
 }
 
 std::vector<float> run_gemmt(const KernelTable& t, const Nf4Weight& w, const std::vector<float>& g, int64_t batch,
-                             const std::vector<int64_t>& cuts) {
+                             const std::vector<int64_t>& cuts, int64_t r0 = 0, int64_t r1 = -1) {
   std::vector<float> dx(static_cast<size_t>(batch * w.in_features), -7.0f);
   TransposedArgs p;
   p.w = w;
   p.g = g.data();
   p.batch = batch;
+  p.row_begin = r0;
+  p.row_end = r1 < 0 ? w.out_features : r1;
   p.dx = dx.data();
   for (size_t i = 0; i + 1 < cuts.size(); ++i) t.gemm_nf4t_f32(p, cuts[i], cuts[i + 1]);
   return dx;
@@ -183,13 +187,81 @@ TEST_CASE("gemm_nf4t_f32 gives the same bits for any column split; many rows and
   }
 }
 
+TEST_CASE("gemm_nf4t_f32 over a row range: the sum over those rows only, any column split") {
+  // Row ranges that start and end off every internal row step (8 and 4 streamed rows, 64-row
+  // slabs, 512-row panels), on aligned groups (64, 128, 512 wider than a tile) and on groups that
+  // straddle rows (100, 17); the empty range gives zeros.
+  auto shape = GENERATE(std::vector<int64_t>{600, 1100, 100}, std::vector<int64_t>{530, 1024, 64},
+                        std::vector<int64_t>{77, 576, 128}, std::vector<int64_t>{140, 1024, 512},
+                        std::vector<int64_t>{131, 129, 17});
+  const int64_t out = shape[0], in = shape[1], gs = shape[2];
+  const Layer l = make_layer(out, in, gs);
+  const std::vector<std::pair<int64_t, int64_t>> ranges = {
+      {0, out}, {1, out}, {3, std::min<int64_t>(out, 70)}, {out / 3, out - 5}, {out - 1, out}, {7, 7}};
+  for (bool nested : {false, true}) {
+    const Nf4Weight v = l.view(nested);
+    const auto deq = l.deq(nested);
+    for (const KernelTable* t : gemmt_tables()) {
+      const int64_t cb = std::max<int64_t>(t->col_block, 1);
+      std::vector<int64_t> cuts = {0};
+      for (int64_t step = 1; cuts.back() < in; ++step) cuts.push_back(std::min(in, cuts.back() + ((step * 3) % 4 + 1) * cb));
+      for (const auto& [r0, r1] : ranges) {
+        for (int64_t batch : {1, 2, 5}) {
+          INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs << " nested " << nested
+                      << " rows " << r0 << ".." << r1 << " batch " << batch);
+          const auto g = qlora_test::normal_vector(static_cast<size_t>(batch * out), static_cast<uint32_t>(r0 + batch));
+          const auto whole = run_gemmt(*t, v, g, batch, {0, in}, r0, r1);
+          REQUIRE(run_gemmt(*t, v, g, batch, cuts, r0, r1) == whole);
+          REQUIRE(gemmt_bound_excess(whole, g, deq, batch, out, in, r0, r1) <= 0.0);
+          if (r0 == r1) REQUIRE(std::all_of(whole.begin(), whole.end(), [](float x) { return x == 0.0f; }));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_nf4t driver, batch 1: the kGemmTRowBlock partials added in block order, any thread count") {
+  // The driver's documented arithmetic, rebuilt from the kernel: one partial per 512-row block
+  // over all columns, then ((p0 + p1) + p2) + ... The shapes have 2 to 4 blocks, the last one
+  // partial, in every group layout.
+  IsaGuard guard;
+  auto shape = GENERATE(std::vector<int64_t>{1300, 1024, 64}, std::vector<int64_t>{1030, 300, 100},
+                        std::vector<int64_t>{1537, 129, 17}, std::vector<int64_t>{1025, 512, 128});
+  const int64_t out = shape[0], in = shape[1], gs = shape[2];
+  const Layer l = make_layer(out, in, gs);
+  for (const KernelTable* t : qlora_test::runnable_tables()) {
+    set_active_isa(t->name);
+    const KernelTable& k = active_kernels();
+    for (bool nested : {false, true}) {
+      const Nf4Weight v = l.view(nested);
+      INFO("isa " << t->name << " out " << out << " in " << in << " gs " << gs << " nested " << nested);
+      const auto g = qlora_test::normal_vector(static_cast<size_t>(out), static_cast<uint32_t>(out + in));
+      std::vector<float> want(static_cast<size_t>(in), 0.0f);
+      const int64_t blocks = (out + kGemmTRowBlock - 1) / kGemmTRowBlock;
+      REQUIRE(blocks >= 2);
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const auto part = run_gemmt(k, v, g, 1, {0, in}, blk * kGemmTRowBlock, std::min(out, (blk + 1) * kGemmTRowBlock));
+        for (int64_t c = 0; c < in; ++c) want[c] = blk == 0 ? part[c] : want[c] + part[c];
+      }
+      REQUIRE(gemmt_bound_excess(want, g, l.deq(nested), 1, out, in) <= 0.0);
+      for (int threads : {1, 2, 3}) {
+        set_num_threads(threads);
+        std::vector<float> dx(static_cast<size_t>(in), -7.0f);
+        gemm_nf4t(v, g.data(), 1, dx.data());
+        REQUIRE(dx == want);
+      }
+    }
+  }
+}
+
 TEST_CASE("gemm_nf4t driver: every ISA, batches across chunks, bit-identical for 1, 2, 3 threads") {
   IsaGuard guard;
   const Layer l = make_layer(130, 1000, 64);
   const Layer odd = make_layer(67, 129, 17);
+  const Layer tall = make_layer(1100, 160, 32);  // three batch-1 row blocks
   for (const KernelTable* t : qlora_test::runnable_tables()) {
     set_active_isa(t->name);
-    for (const Layer* lp : {&l, &odd}) {
+    for (const Layer* lp : {&l, &odd, &tall}) {
       for (bool nested : {false, true}) {
         const Nf4Weight v = lp->view(nested);
         const auto deq = lp->deq(nested);

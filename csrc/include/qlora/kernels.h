@@ -72,16 +72,26 @@ struct GemmKernel {
   int64_t min_batch = 1;    // used only for batches (per chunk of kBatchChunk rows) >= this
 };
 
-// The transposed product of the backward: dx[b, i] = sum over o of g[b, o] * deq(W)[o, i].
+// The transposed product of the backward over a range of rows of W:
+//   dx[b, i] = sum over o in [row_begin, row_end) of g[b, o] * deq(W)[o, i].
 struct TransposedArgs {
   Nf4Weight w;
-  const float* g = nullptr;  // batch x out_features
+  const float* g = nullptr;  // batch x out_features (whole rows, indexed by o)
   int64_t batch = 0;
-  float* dx = nullptr;       // batch x in_features
+  int64_t row_begin = 0;     // the rows o of W summed over; row_end <= out_features
+  int64_t row_end = 0;
+  float* dx = nullptr;       // batch x in_features, overwritten for the columns handed
 };
 // Computes dx for every batch row and columns [col_begin, col_end); col_begin is a multiple of
-// the entry's col_block. Each element is summed over o in one fixed order.
+// the entry's col_block. Each element is one sum over o from row_begin to row_end - 1 in that
+// order, starting from zero, whatever the column range.
 using GemmTFn = void (*)(const TransposedArgs& args, int64_t col_begin, int64_t col_end);
+
+// The driver (gemm_nf4t) cuts a batch-1 product into row blocks of this many rows (the last may
+// be shorter), each task summing one block into its own partial dx while it streams that block
+// of W contiguously, then adds the partials in block order: dx = ((p0 + p1) + p2) + ... A
+// constant, never the thread count, so the result is the same for any number of threads.
+inline constexpr int64_t kGemmTRowBlock = 512;
 
 struct KernelTable {
   const char* name = nullptr;
