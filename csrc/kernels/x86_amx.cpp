@@ -156,7 +156,9 @@ void decode_row(const Nf4Weight& w, int64_t r, int64_t c0, int64_t c1, uint16_t*
     alignas(64) float s[16] = {};
     const int64_t flat = r * in + n;
     int64_t g = flat / w.group_size, group_end = (g + 1) * w.group_size;
-    float sg = group_scale(w, g);
+    // Past the row's end (valid == 0) the codes are padding and the flat index may lie beyond
+    // the last group: no scale is read there.
+    float sg = valid > 0 ? group_scale(w, g) : 0.0f;
     // One group for the 16 columns (lanes past the row are padding codes, zero for any scale):
     // a broadcast, without the store-to-load round trip of a per-lane array.
     const bool one_group = flat + valid <= group_end;
